@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Returns a function arch -> folder with a saved tiny model + tokenizer (built once per arch)."""
+    cache = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in cache:
+            cache[arch] = tiny.save_model(arch, tmp_path_factory.mktemp(f"model_{arch}"))
+        return cache[arch]
+
+    return get
