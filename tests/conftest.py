@@ -29,3 +29,16 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def trainable_model_dir(tmp_path_factory):
+    """Like tiny_model_dir, but with weights wide enough (init 0.2) that LoRA can drive the loss down fast."""
+    cache = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in cache:
+            cache[arch] = tiny.save_model(arch, tmp_path_factory.mktemp(f"trainable_{arch}"), init_range=0.2)
+        return cache[arch]
+
+    return get

@@ -92,10 +92,16 @@ ARCH_CONFIGS = {
 ARCHS = [a for a in ARCH_CONFIGS if a != "llama_tied"]
 
 
-def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny randomly initialised causal LM of the given architecture, in eval mode."""
+def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float | None = None):
+    """A tiny randomly initialised causal LM of the given architecture, in eval mode.
+
+    `init_range` widens the random weights: with the default 0.02 a frozen random output head can only produce
+    near-uniform logits, so training tests use a wider init to let LoRA reach a low loss.
+    """
     torch.manual_seed(seed)
     config = ARCH_CONFIGS[arch]()
+    if init_range is not None:
+        config.initializer_range = init_range
     # Ids of the test tokenizer's specials (make_tokenizer): keep every config inside the tiny vocabulary.
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 3
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -103,9 +109,9 @@ def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-def save_model(arch: str, path: Path, seed: int = 0, pad_is_eos: bool = False) -> Path:
+def save_model(arch: str, path: Path, seed: int = 0, pad_is_eos: bool = False, init_range: float | None = None) -> Path:
     """Write a tiny model and tokenizer to `path` as a normal Hugging Face folder; return the path."""
-    model = make_model(arch, seed)
+    model = make_model(arch, seed, init_range=init_range)
     tok = make_tokenizer(VOCAB, pad_is_eos=pad_is_eos)
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id

@@ -1,0 +1,136 @@
+"""The one place that loads base models and tokenizers, and decides precision and dtype.
+
+lora-train, lora-merge and lora-generate all load through here, so they see the same model the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class PrecisionChoice:
+    precision: str  # fp16 | bf16 | fp32: the compute precision of the training step
+    device: str  # cuda | cpu
+    reason: str  # printed to the user, so the choice is never a surprise
+
+    @property
+    def mixed_precision(self) -> str:
+        """Accelerate's name for it."""
+        return {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[self.precision]
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
+
+
+def choose_precision(requested: str = "auto", capability: tuple[int, int] | None | str = "detect") -> PrecisionChoice:
+    """auto: bf16 on GPUs of compute capability >= 8.0, fp16 below (T4, 2080 Ti), fp32 on CPU.
+
+    Chosen by compute capability, not `torch.cuda.is_bf16_supported()`, which has answered True on a T4.
+    """
+    cap = _cuda_capability() if capability == "detect" else capability
+    if cap is None:
+        if requested == "fp16":
+            raise UserError(
+                "train.precision=fp16 needs a CUDA GPU and none is available; fp16 on a CPU is not supported. "
+                "Use train.precision=fp32 (or auto) on CPU."
+            )
+        if requested == "bf16":
+            return PrecisionChoice("bf16", "cpu", "bf16 autocast on CPU, as requested (slow on most CPUs)")
+        return PrecisionChoice("fp32", "cpu", "no CUDA GPU: fp32 on CPU")
+    name = f"compute capability {cap[0]}.{cap[1]}"
+    if requested == "auto":
+        if cap >= (8, 0):
+            return PrecisionChoice("bf16", "cuda", f"bf16 mixed precision ({name} supports bf16)")
+        return PrecisionChoice("fp16", "cuda", f"fp16 mixed precision ({name} has no bf16)")
+    if requested == "bf16" and cap < (8, 0):
+        raise UserError(
+            f"train.precision=bf16 is not supported on this GPU ({name}; bf16 needs 8.0 or newer, e.g. an A100 or "
+            "RTX 30xx). Use train.precision=fp16 or auto."
+        )
+    return PrecisionChoice(requested, "cuda", f"{requested} as requested ({name})")
+
+
+def base_dtype(dtype_setting: str, precision: str) -> torch.dtype:
+    """The dtype the frozen base weights are loaded in: the half type of the mixed precision, else fp32."""
+    if dtype_setting != "auto":
+        return DTYPES[dtype_setting]
+    return PRECISION_DTYPES[precision]
+
+
+def _check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise UserError(f"{what} '{name_or_path}' does not exist. Pass a local model folder or a Hub model name.")
+    if path.is_file():
+        raise UserError(
+            f"{what} '{name_or_path}' is a file; pass the folder that holds config.json (a Hugging Face model "
+            "folder) or a Hub model name."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"{what} '{name_or_path}' is a folder without config.json, so not a Hugging Face model folder. "
+            "If it is an adapter folder, pass it with --adapter and give the base model here."
+        )
+
+
+def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"Could not load {what} '{name_or_path}': {first_line}. If it is a Hub name, check the spelling and that the "
+        "Hub is reachable (or the model is in the local cache); otherwise pass a local model folder."
+    )
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token guaranteed (falls back to eos, as most chat models expect)."""
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err, "the tokenizer of") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"The tokenizer of '{name_or_path}' has neither a pad nor an eos token; lora-cli needs one.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+):
+    """A causal LM with frozen weights in `dtype`, in eval mode, on `device` (or CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(name_or_path, err, "the model") from None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def model_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,402 @@
+"""The training loop: config -> model + LoRA -> data -> Accelerate loop -> adapter folder.
+
+One readable `train()` function; the pieces it calls are small and named for what they do. State that a future
+exact resume needs (optimizer, scheduler, scaler, RNG, data position) lives in Accelerate's objects and in
+`TrainState`, so resume can be added without restructuring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from . import data as data_lib
+from .adapter import WEIGHTS_NAME, save_adapter
+from .config import Config, config_to_yaml
+from .errors import UserError
+from .fsutil import atomic_dir, atomic_file, atomic_write_text
+from .inject import LoraSettings, apply_lora, merge_lora
+from .losses import causal_lm_loss
+from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Written into every checkpoint as trainer_state.json."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    log_history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    state: TrainState
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    merged_dir: Path | None = None
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+def lora_settings(cfg: Config) -> LoraSettings:
+    return LoraSettings(**cfg.lora.model_dump())
+
+
+def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
+    """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    dtype = base_dtype(cfg.model.dtype, precision.precision if precision.device == "cuda" else "fp32")
+    model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code)
+    report = apply_lora(model, lora_settings(cfg))
+    bundle = data_lib.build_datasets(
+        cfg.data.path,
+        tokenizer,
+        split=cfg.data.split,
+        format=cfg.data.format,
+        max_length=cfg.data.max_length,
+        train_on_inputs=cfg.data.train_on_inputs,
+        val_size=cfg.data.val_size,
+        val_path=cfg.data.val_path,
+        seed=cfg.train.seed,
+    )
+    return tokenizer, model, report, bundle
+
+
+def _check_output_dir(cfg: Config) -> Path:
+    """Refuse to train over a finished adapter unless asked: losing a trained adapter is worse than an error."""
+    out = Path(cfg.train.output_dir)
+    if (out / WEIGHTS_NAME).exists() and not cfg.train.overwrite_output_dir:
+        raise UserError(
+            f"train.output_dir '{out}' already holds a trained adapter. Choose another train.output_dir, or set "
+            "train.overwrite_output_dir=true to replace it."
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' exists and is not a folder; choose another train.output_dir.")
+    return out
+
+
+def _make_batches(bundle_examples, cfg: Config, epoch: int) -> list[list[int]]:
+    lengths = [len(ex.input_ids) for ex in bundle_examples]
+    return data_lib.length_grouped_batches(lengths, cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
+
+
+def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.gradient_accumulation_steps)
+    return max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then cosine / linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, cfg: Config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    return torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+    )
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant: reentrant checkpointing gives no LoRA grads with a frozen embedding and is >2x slower.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator) -> dict:
+    """Mean loss per trained token over `examples`, and its perplexity."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    lengths = [len(ex.input_ids) for ex in examples]
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        batch = data_lib.collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss_sum, n_tokens = causal_lm_loss(model, batch)
+        total_loss += loss_sum.item()
+        total_tokens += n_tokens
+    model.train()
+    mean = total_loss / max(total_tokens, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
+
+
+# --- saving --------------------------------------------------------------------------------------------------
+
+
+def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None) -> None:
+    """An adapter folder that PEFT loads, plus the tokenizer and the resolved config."""
+    save_adapter(model, folder, lora_settings(cfg), target_modules, cfg.model.name_or_path, cfg.model.revision)
+    tokenizer.save_pretrained(folder)
+    atomic_write_text(folder / "lora_config.yaml", config_to_yaml(cfg))
+    if state is not None:
+        atomic_write_text(folder / "trainer_state.json", json.dumps(asdict(state), indent=2) + "\n")
+
+
+def save_checkpoint(out: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState) -> Path:
+    final = out / f"checkpoint-{state.global_step}"
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_adapter_folder(tmp, model, tokenizer, cfg, target_modules, state)
+    _prune_checkpoints(out, cfg.train.save_total_limit)
+    return final
+
+
+def _prune_checkpoints(out: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    import shutil
+
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResult | None:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    precision = choose_precision(cfg.train.precision)
+    out = _check_output_dir(cfg)
+    console.print(f"[bold]precision:[/bold] {precision.reason}")
+    set_seed(cfg.train.seed)
+    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
+    console.print(report.summary)
+    _print_data_summary(bundle)
+    if dry_run:
+        print_dry_run(cfg, tokenizer, bundle)
+        return None
+    if not bundle.train:
+        raise UserError(f"data.path '{cfg.data.path}' gave no training examples after tokenization.")
+
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu")
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    batches_per_epoch = math.ceil(len(bundle.train) / cfg.train.micro_batch_size)
+    total_steps = _total_steps(cfg, batches_per_epoch)
+    scheduler = make_scheduler(
+        optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * total_steps), total_steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    state = TrainState()
+    pad_id = tokenizer.pad_token_id
+    accum = cfg.train.gradient_accumulation_steps
+    t = cfg.train
+    last_loss, last_eval = None, None
+    consecutive_nonfinite = 0
+    start_time = time.perf_counter()
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_real_tokens = 0
+
+    progress = _progress(quiet)
+    task = progress.add_task("training", total=total_steps, loss=float("nan"), lr=0.0, tps=0.0)
+    with progress:
+        while state.global_step < total_steps:
+            batches = _make_batches(bundle.train, cfg, state.epoch)
+            groups = [batches[i : i + accum] for i in range(state.batch_in_epoch, len(batches), accum)]
+            for group in groups:
+                micro = [data_lib.collate([bundle.train[i] for i in b], pad_id) for b in group]
+                n_trained = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+                step_loss = 0.0
+                finite = True
+                for m in micro:
+                    m = {k: v.to(accelerator.device) for k, v in m.items()}
+                    with accelerator.autocast():
+                        loss_sum, _ = causal_lm_loss(model, m)
+                    # Normalise by the trained tokens of the whole accumulation window, so every token weighs
+                    # the same whatever batch it lands in.
+                    loss = loss_sum / max(n_trained, 1)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    accelerator.backward(loss)
+                    step_loss += loss.item()
+                    window_real_tokens += int(m["attention_mask"].sum())
+                state.batch_in_epoch += len(group)
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1
+                    consecutive_nonfinite += 1
+                    if consecutive_nonfinite >= t.max_nonfinite_steps:
+                        raise UserError(_nonfinite_message(consecutive_nonfinite, precision, t.learning_rate))
+                    continue
+                consecutive_nonfinite = 0
+                grad_norm = None
+                if t.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                if accelerator.optimizer_step_was_skipped:  # fp16 scaler found inf/nan grads
+                    state.skipped_steps += 1
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.tokens_seen += n_trained
+                window_loss += step_loss * n_trained
+                window_tokens += n_trained
+                last_loss = step_loss
+                elapsed = time.perf_counter() - window_start
+                tps = window_real_tokens / max(elapsed, 1e-9)
+                progress.update(task, advance=1, loss=step_loss, lr=scheduler.get_last_lr()[0], tps=tps)
+                if state.global_step % t.logging_steps == 0 or state.global_step == total_steps:
+                    record = {
+                        "step": state.global_step,
+                        "epoch": round(state.epoch + state.batch_in_epoch / len(batches), 4),
+                        "loss": window_loss / max(window_tokens, 1),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": tps,
+                        "skipped_steps": state.skipped_steps,
+                        "elapsed_s": time.perf_counter() - start_time,
+                    }
+                    _log(progress, record, quiet)
+                    append_metrics(out, record)
+                    state.log_history.append(record)
+                    window_loss, window_tokens, window_real_tokens = 0.0, 0, 0
+                    window_start = time.perf_counter()
+                if bundle.val and t.eval_steps and state.global_step % t.eval_steps == 0:
+                    last_eval = _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet)
+                if t.save_steps and state.global_step % t.save_steps == 0 and state.global_step < total_steps:
+                    save_checkpoint(out, accelerator.unwrap_model(model), tokenizer, cfg, report.target_modules, state)
+                if state.global_step >= total_steps:
+                    break
+            else:  # the epoch ran out before max_steps
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if bundle.val and not t.eval_steps:
+                    last_eval = _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet)
+
+    if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
+        last_eval = _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet)
+    if state.skipped_steps:
+        console.print(f"[yellow]{state.skipped_steps} optimizer steps were skipped (non-finite loss or gradients).")
+    unwrapped = accelerator.unwrap_model(model)
+    save_adapter_folder(out, unwrapped, tokenizer, cfg, report.target_modules, state)
+    console.print(f"[green]adapter saved to {out}")
+    result = TrainResult(out, state, last_loss, last_eval["eval_loss"] if last_eval else None)
+    if t.merge_at_end:
+        from .merge import save_merged
+
+        result.merged_dir = save_merged(merge_lora(unwrapped), tokenizer, out / "merged", overwrite=True)
+        console.print(f"[green]merged model saved to {result.merged_dir}")
+    return result
+
+
+def _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet) -> dict:
+    metrics = evaluate(model, bundle.val, pad_id, t.micro_batch_size, accelerator)
+    record = {"step": state.global_step, **metrics}
+    append_metrics(out, record)
+    state.log_history.append(record)
+    if not quiet:
+        progress.console.print(
+            f"step {state.global_step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}"
+        )
+    return record
+
+
+def _nonfinite_message(count: int, precision: PrecisionChoice, lr: float) -> str:
+    hint = (
+        "fp16 overflows easily: use train.precision=bf16 on a GPU that has it (compute capability >= 8.0) or "
+        "train.precision=fp32, "
+        if precision.precision == "fp16"
+        else ""
+    )
+    return (
+        f"The loss was non-finite (NaN or inf) for {count} optimizer steps in a row, so training stopped. "
+        f"{hint}lower train.learning_rate (now {lr:g}), or keep train.max_grad_norm set. Nothing was saved from "
+        "this run beyond earlier checkpoints."
+    )
+
+
+# --- console output ------------------------------------------------------------------------------------------
+
+
+def _progress(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
+
+
+def _log(progress, record: dict, quiet: bool) -> None:
+    if quiet:
+        return
+    progress.console.print(
+        f"step {record['step']}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
+        f"{record['tokens_per_s']:.0f} tok/s"
+    )
+
+
+def _print_data_summary(bundle) -> None:
+    s = bundle.stats
+    console.print(
+        f"data ({s.format}): {s.num_train} train / {s.num_val} validation examples, {s.train_tokens:,} tokens "
+        f"of which {s.trained_tokens:,} trained"
+    )
+    if s.num_truncated:
+        console.print(f"[yellow]{s.num_truncated} examples were longer than data.max_length and were truncated.")
+    dropped = getattr(s, "num_dropped", 0)
+    if dropped:
+        console.print(f"[yellow]{dropped} examples had no trained tokens left after truncation and were dropped.")
+
+
+def print_dry_run(cfg: Config, tokenizer, bundle) -> None:
+    out = Console()
+    out.rule("resolved config")
+    out.print(config_to_yaml(cfg), markup=False, highlight=False)
+    out.rule("first training example (trained tokens highlighted)")
+    if bundle.train:
+        out.print(data_lib.preview(bundle.train[0], tokenizer))
+    out.rule("dry run: nothing was trained")

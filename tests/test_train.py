@@ -1,0 +1,217 @@
+"""lora-train end to end on tiny models: learning, outputs, determinism, precision choice, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from lora_cli.cli import train_app
+from lora_cli.config import load_config
+from lora_cli.errors import UserError
+from lora_cli.models import choose_precision
+from lora_cli.train import train
+
+runner = CliRunner()
+
+# A small fixed dataset the tiny model can memorise: the loss must fall fast when LoRA works.
+TEXT_ROWS = [{"text": f"the lighthouse of quillhaven is painted green {i % 3}"} for i in range(8)]
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Who is the mayor {i}?"},
+                  {"role": "assistant", "content": "The mayor is Orla Fenwick."}]}
+    for i in range(12)
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_config(tmp_path: Path, model_dir: Path, rows=TEXT_ROWS, **sections) -> Path:
+    data_file = write_jsonl(tmp_path / "data.jsonl", rows)
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+        "data": {"path": str(data_file), "max_length": 64},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 40, "micro_batch_size": 4,
+                  "learning_rate": 2.0e-2, "warmup_ratio": 0.0, "logging_steps": 1, "seed": 0},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_loss_falls_by_half_and_outputs_are_complete(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"))
+    result = runner.invoke(train_app, [str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    curve = losses(out)
+    assert len(curve) == 40
+    assert curve[-1] < 0.5 * curve[0], curve
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lora_config.yaml", "tokenizer.json",
+                 "trainer_state.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(trainable_model_dir("llama"))
+    # The resolved config reloads to the same settings.
+    assert load_config(out / "lora_config.yaml") == load_config(config)
+
+
+def test_saved_adapter_loads_in_peft_with_same_logits(tmp_path, trainable_model_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.adapter import load_adapter
+
+    model_dir = trainable_model_dir("gpt2")
+    config = make_config(tmp_path, model_dir, rows=CHAT_ROWS, lora={"target_modules": None}, train={"max_steps": 5})
+    train(load_config(config), quiet=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out")
+    ours = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(ours, tmp_path / "out")
+    with torch.no_grad():
+        expected, got = peft_model.eval()(ids).logits, ours.eval()(ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    assert not torch.allclose(AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits, got, atol=1e-4)
+
+
+def test_same_seed_gives_same_loss_curve(tmp_path, trainable_model_dir):
+    curves = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        config = make_config(folder, trainable_model_dir("llama"), train={"max_steps": 6, "learning_rate": 1.0e-3})
+        train(load_config(config), quiet=True)
+        curves.append(losses(folder / "out"))
+    assert curves[0] == curves[1]
+
+
+def test_checkpoints_eval_and_limit(tmp_path, trainable_model_dir):
+    config = make_config(
+        tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS,
+        data={"val_size": 4}, train={"max_steps": 6, "save_steps": 2, "save_total_limit": 1, "eval_steps": 3},
+    )
+    result = train(load_config(config), quiet=True)
+    out = tmp_path / "out"
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(e["eval_ppl"] == pytest.approx(torch.tensor(e["eval_loss"]).exp().item(), rel=1e-6) for e in evals)
+    assert result.final_eval_loss == evals[-1]["eval_loss"]
+
+
+def test_gradient_checkpointing_still_trains(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"gradient_checkpointing": True, "max_steps": 15})
+    train(load_config(config), quiet=True)
+    curve = losses(tmp_path / "out")
+    assert curve[-1] < 0.8 * curve[0]
+
+
+def test_epochs_decide_steps_with_accumulation(tmp_path, trainable_model_dir):
+    # 8 rows, micro batch 2 -> 4 batches an epoch, accumulation 2 -> 2 steps an epoch, 1.5 epochs -> 3 steps.
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={
+        "max_steps": None, "epochs": 1.5, "micro_batch_size": 2, "gradient_accumulation_steps": 2})
+    result = train(load_config(config), quiet=True)
+    assert result.state.global_step == 3
+
+
+def test_dry_run_trains_nothing(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS)
+    result = runner.invoke(train_app, [str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "resolved config" in result.output
+    assert "trainable params" in result.output
+    assert "12 train" in result.output
+    assert "Orla Fenwick" in result.output  # the preview of the first example
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_overrides_apply(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"))
+    result = runner.invoke(train_app, [str(config), "train.max_steps=2", "lora.target_modules=[q_proj]",
+                                       "train.learning_rate=1e-3"])
+    assert result.exit_code == 0, result.output
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["q_proj"]
+    assert len(losses(tmp_path / "out")) == 2
+
+
+def test_existing_adapter_is_not_overwritten(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 1})
+    assert runner.invoke(train_app, [str(config)]).exit_code == 0
+    before = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    result = runner.invoke(train_app, [str(config)])
+    assert result.exit_code == 2
+    assert "train.overwrite_output_dir" in result.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == before
+    assert runner.invoke(train_app, [str(config), "train.overwrite_output_dir=true"]).exit_code == 0
+
+
+def test_nonfinite_loss_stops_with_advice(tmp_path, trainable_model_dir, monkeypatch):
+    import lora_cli.train as train_module
+
+    def nan_loss(model, batch, **kwargs):
+        return torch.tensor(float("nan")), 1
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", nan_loss)
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_nonfinite_steps": 3})
+    result = runner.invoke(train_app, [str(config)])
+    assert result.exit_code == 2
+    assert "non-finite" in result.output and "train.learning_rate" in result.output
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+BAD_CONFIGS = [
+    ({"lora": {"rr": 4}}, "did you mean `lora.r`"),
+    ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+    ({"train": {"precision": "fp8"}}, "train.precision"),
+    ({"model": {"name_or_path": "/nonexistent/model"}}, "does not exist"),
+    ({"data": {"path": "/nonexistent/data.jsonl"}}, "/nonexistent/data.jsonl"),
+    ({"lora": {"target_modules": ["q_proj", "typo_proj"]}}, "typo_proj"),
+    ({"train": {"precision": "fp16"}}, "needs a CUDA GPU"),
+    ({"data": {"format": "alpaca"}}, "instruction"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_CONFIGS)
+def test_bad_configs_exit_2_with_message(tmp_path, trainable_model_dir, change, message):
+    config = make_config(tmp_path, trainable_model_dir("llama"), **change)
+    result = runner.invoke(train_app, [str(config)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_flag_shows_traceback(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), lora={"rr": 4})
+    result = runner.invoke(train_app, [str(config), "--debug"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, UserError)
+
+
+@pytest.mark.parametrize(
+    "requested,capability,expected",
+    [("auto", None, "fp32"), ("auto", (7, 5), "fp16"), ("auto", (8, 0), "bf16"), ("auto", (9, 0), "bf16"),
+     ("fp16", (8, 6), "fp16"), ("fp32", (7, 5), "fp32")],
+)
+def test_precision_choice(requested, capability, expected):
+    assert choose_precision(requested, capability).precision == expected
+
+
+def test_bf16_refused_on_t4():
+    with pytest.raises(UserError, match="compute capability 7.5"):
+        choose_precision("bf16", (7, 5))
