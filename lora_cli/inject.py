@@ -123,6 +123,13 @@ def resolve_target_paths(
     head = _output_head_name(model)
     if targets is None:
         targets = default_targets(model)
+    if isinstance(targets, str) and targets != ALL_LINEAR and settings.layers_to_transform is not None:
+        # PEFT's LoraConfig raises on this combination, so an adapter saved with it would not load there.
+        raise UserError(
+            f"lora.layers_to_transform cannot be combined with a regex lora.target_modules ({targets!r}): PEFT "
+            f"and the tools built on it reject such adapters. Put the layer numbers in the regex instead, e.g. "
+            f"'.*\\.(0|1)\\.self_attn\\.(q_proj|v_proj)', or give lora.target_modules as a list of names."
+        )
     if targets == ALL_LINEAR:
         paths = [p for p in candidates if p != head]
         written: list[str] | str = sorted({p.rsplit(".", 1)[-1] for p in paths})
@@ -265,7 +272,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Afterwards the model is a plain transformers model again; `save_pretrained` writes ordinary weights.
     Tied embeddings stay consistent because the output head is never wrapped when it is tied.
     """
-    for path, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    for layer in layers.values():  # check every layer first: one bad layer leaves the whole model untouched
+        if not layer.merged:
+            layer.checked_merged_weight()
+    for path, layer in layers.items():
         layer.merge()
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, layer.unwrap())

@@ -151,11 +151,17 @@ class LoraLinear(nn.Module):
         """Fold the update into the base weight (computed in fp32, cast once to W's dtype)."""
         if self.merged:
             return
+        new_weight = self.checked_merged_weight()
         self._original_weight = self.weight.detach().clone() if self.use_dora else None
-        new_weight = self.merged_weight()
-        self._check_finite(new_weight)
-        self.weight.data.copy_(new_weight.to(self.weight.dtype))
+        self.weight.data.copy_(new_weight)
         self.merged = True
+
+    @torch.no_grad()
+    def checked_merged_weight(self) -> torch.Tensor:
+        """`merged_weight()` cast to W's dtype, refused if non-finite (an fp32 value can overflow fp16)."""
+        new_weight = self.merged_weight().to(self.weight.dtype)
+        self._check_finite(new_weight)
+        return new_weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -165,9 +171,9 @@ class LoraLinear(nn.Module):
             self.weight.data.copy_(self._original_weight)
             self._original_weight = None
         else:
-            restored = self._oriented(self._oriented(self.weight).float() - self._lora_delta())
+            restored = self._oriented(self._oriented(self.weight).float() - self._lora_delta()).to(self.weight.dtype)
             self._check_finite(restored)
-            self.weight.data.copy_(restored.to(self.weight.dtype))
+            self.weight.data.copy_(restored)
         self.merged = False
 
     def _check_finite(self, weight: torch.Tensor) -> None:

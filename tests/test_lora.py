@@ -1,0 +1,338 @@
+"""LoraLinear math: fresh adapters change nothing, logits match PEFT's, merge/unmerge, fp16 and AMP.
+
+The helpers at the top (PEFT builders, weight copying, randomising) are shared with test_adapter.py.
+PEFT is a test oracle only: lora_cli itself never imports it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import tiny
+from lora_cli.errors import UserError
+from lora_cli.inject import LoraSettings, apply_lora, lora_layers, lora_state_dict, merge_lora
+from lora_cli.lora import LoraLinear
+
+PREFIX = "base_model.model."
+IDS = tiny.sample_input_ids()
+
+# The adapter variants every parity/merge test runs over (LoraSettings keyword overrides).
+VARIANTS = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+}
+
+
+# --- shared helpers ------------------------------------------------------------------------------------------
+
+
+def settings(**overrides) -> LoraSettings:
+    return LoraSettings(**{"r": 4, "alpha": 8.0, **overrides})
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def peft_config(s: LoraSettings, arch: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=s.r,
+        lora_alpha=s.alpha,
+        lora_dropout=s.dropout,
+        target_modules=s.target_modules,
+        use_rslora=s.use_rslora,
+        use_dora=s.use_dora,
+        layers_to_transform=s.layers_to_transform,
+        rank_pattern=dict(s.rank_pattern),
+        alpha_pattern=dict(s.alpha_pattern),
+        fan_in_fan_out=arch == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+
+
+def make_peft(arch: str, s: LoraSettings, seed: int = 0):
+    """PEFT's model for the same tiny base, with randomised lora_B (and perturbed DoRA magnitude), eval mode."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny.make_model(arch, seed), peft_config(s, arch))
+    randomise_lora(model, seed=seed + 100)
+    return model.eval()
+
+
+def peft_wrapped_paths(peft_model) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [n[len(PREFIX):] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def peft_adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's adapter tensors under the names it writes to adapter_model.safetensors."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+@torch.no_grad()
+def randomise_lora(model, seed: int = 0, b_std: float = 0.2) -> None:
+    """Make an adapter do something: random lora_B (zero at init) and a perturbed DoRA magnitude.
+
+    Works on ours and on PEFT's model: both name the tensors lora_B... and lora_magnitude_vector...
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.copy_(torch.randn(param.shape, generator=gen) * b_std)
+        elif "lora_magnitude_vector" in name:
+            param.mul_(1 + 0.3 * torch.rand(param.shape, generator=gen))
+
+
+@torch.no_grad()
+def copy_adapter_into_ours(model, adapter_state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors named as in an adapter file (`base_model.model.<path>.lora_A.weight`) into our model.
+
+    The key sets must be identical: this is also the check that our parameter names are PEFT's.
+    """
+    ours = lora_state_dict(model)
+    theirs = {k[len(PREFIX):]: v for k, v in adapter_state.items()}
+    assert sorted(ours) == sorted(theirs)
+    params = dict(model.named_parameters())
+    for key, value in theirs.items():
+        assert params[key].shape == value.shape, key
+        params[key].copy_(value)
+
+
+def ours_like_peft(arch: str, s: LoraSettings, peft_model):
+    model = tiny.make_model(arch)
+    report = apply_lora(model, s)
+    copy_adapter_into_ours(model, peft_adapter_state(peft_model))
+    return model.eval(), report
+
+
+def assert_close(actual, expected, atol):
+    diff = (actual.float() - expected.float()).abs().max().item()
+    assert diff <= atol, f"max abs difference {diff:.3g} > {atol:.3g}"
+
+
+def assert_lora_matters(with_lora, base, at_least=1e-2):
+    """Guard against vacuous comparisons: the adapter must visibly move the logits."""
+    moved = (with_lora.float() - base.float()).abs().max().item()
+    assert moved > at_least, f"adapter changed the logits by only {moved:.3g}"
+
+
+# --- 1. a fresh adapter changes nothing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora"])
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_fresh_adapter_is_bit_identical(arch, variant):
+    ref = logits(tiny.make_model(arch))
+    model = tiny.make_model(arch)
+    apply_lora(model, settings(**VARIANTS[variant]))
+    assert lora_layers(model)
+    assert torch.equal(logits(model), ref)
+
+
+# --- 2. same numbers as PEFT ---------------------------------------------------------------------------------
+
+PARITY_CASES = {
+    **{f"{arch}-{v}": (arch, VARIANTS[v]) for arch in tiny.ARCHS for v in ("plain", "dora")},
+    "llama-rslora": ("llama", {"use_rslora": True}),
+    "gpt2-rslora-dora": ("gpt2", {"use_rslora": True, "use_dora": True}),
+    "llama-all-linear": ("llama", {"target_modules": "all-linear"}),
+    "gpt2-all-linear": ("gpt2", {"target_modules": "all-linear"}),
+    "phi-all-linear-dora": ("phi", {"target_modules": "all-linear", "use_dora": True}),
+    "llama-dropout": ("llama", {"dropout": 0.1}),
+    "llama-dropout-dora": ("llama", {"dropout": 0.1, "use_dora": True}),
+    "gpt2-dropout-dora": ("gpt2", {"dropout": 0.1, "use_dora": True}),
+    "llama-layer1": ("llama", {"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "gpt2-layer1": ("gpt2", {"layers_to_transform": [1]}),
+    "llama-regex": ("llama", {"target_modules": r".*\.(q_proj|o_proj|up_proj)"}),
+    "llama-patterns": ("llama", {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 32.0}}),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_logits_match_peft(case):
+    arch, overrides = PARITY_CASES[case]
+    s = settings(**overrides)
+    peft_model = make_peft(arch, s)
+    model, report = ours_like_peft(arch, s, peft_model)
+    assert report.wrapped == peft_wrapped_paths(peft_model)
+    theirs = logits(peft_model)
+    assert_lora_matters(theirs, logits(tiny.make_model(arch)))
+    assert_close(logits(model), theirs, 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_dropout_in_training_matches_peft(arch):
+    """Train mode with dropout: DoRA recomputes the base part on the dropped-out input, as PEFT does."""
+    s = settings(dropout=0.3, use_dora=True)
+    peft_model = make_peft(arch, s)
+    model, _ = ours_like_peft(arch, s, peft_model)
+    peft_model.train()
+    model.train()
+    torch.manual_seed(7)
+    theirs = peft_model(IDS).logits
+    torch.manual_seed(7)
+    ours = model(IDS).logits
+    assert_close(ours, theirs, 1e-5)
+    assert_lora_matters(ours, logits(model))  # dropout really acted (differs from eval mode)
+
+
+# --- 3. merge ------------------------------------------------------------------------------------------------
+
+
+def lora_model(arch, variant="plain", dtype=torch.float32, seed=0, **overrides):
+    model = tiny.make_model(arch, dtype=dtype)
+    apply_lora(model, settings(**VARIANTS[variant], **overrides))
+    randomise_lora(model, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_merged_equals_unmerged_fp32(arch, variant):
+    base = tiny.make_model(arch)
+    model = lora_model(arch, variant)
+    unmerged = logits(model)
+    assert_lora_matters(unmerged, logits(base))
+    assert merge_lora(model) is model
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert list(model.state_dict()) == list(base.state_dict())
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in base.named_modules()}
+    assert_close(logits(model), unmerged, 1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_merged_equals_unmerged_fp16(arch, variant):
+    """An fp16 base: the merged weight is rounded to fp16 once, so logits differ by fp16 rounding only.
+
+    fp16 has a relative precision of 2**-11 (about 5e-4) per rounding; a 2-layer model accumulates a few such
+    roundings per activation, so we allow 1e-2 of the logit scale (about 20 roundings' worth) and check that
+    the adapter's own effect on the logits is far larger than that allowance.
+    """
+    base_logits = logits(tiny.make_model(arch, dtype=torch.float16))
+    model = lora_model(arch, variant, dtype=torch.float16)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
+    unmerged = logits(model)
+    tol = 1e-2 * unmerged.abs().max().item()
+    assert_lora_matters(unmerged, base_logits, at_least=10 * tol)
+    merge_lora(model)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert_close(logits(model), unmerged, tol)
+
+
+@pytest.mark.parametrize("arch, variant", [("llama", "plain"), ("gpt2", "dora"), ("llama_tied", "rslora")])
+def test_merged_model_saves_and_reloads(arch, variant, tmp_path):
+    model = lora_model(arch, variant)
+    merge_lora(model)
+    merged = logits(model)
+    assert_lora_matters(merged, logits(tiny.make_model(arch)))
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert list(reloaded.state_dict()) == list(tiny.make_model(arch).state_dict())
+    assert_close(logits(reloaded), merged, 1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unmerge_restores_weights(arch, variant):
+    model = lora_model(arch, variant)
+    layers = lora_layers(model)
+    before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+    unmerged = logits(model)
+    for layer in layers.values():
+        layer.merge()
+        assert layer.merged
+    assert any(not torch.equal(layer.weight, before[n]) for n, layer in layers.items())
+    assert_close(logits(model), unmerged, 1e-5)  # merged LoraLinear skips the LoRA branch
+    for name, layer in layers.items():
+        layer.unmerge()
+        assert not layer.merged
+        if variant == "dora":
+            assert torch.equal(layer.weight, before[name])
+        else:
+            assert_close(layer.weight, before[name], 1e-6)
+    assert_close(logits(model), unmerged, 1e-5)
+
+
+def test_merge_keeps_tied_embeddings_tied():
+    model = lora_model("llama_tied", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    embed = model.get_input_embeddings().weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    merge_lora(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", [0, -1])  # the first layer merged, and the last (after all others)
+def test_merge_refuses_non_finite_and_writes_nothing(which):
+    model = lora_model("llama")
+    layers = list(lora_layers(model).values())
+    with torch.no_grad():
+        layers[which].lora_B.weight.fill_(float("inf"))
+    before = _weights(model)
+    with pytest.raises(UserError, match="non-finite"):
+        merge_lora(model)
+    after = _weights(model)
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.endswith("lora_B.weight"))
+    assert all(isinstance(layer, LoraLinear) and not layer.merged for layer in lora_layers(model).values())
+    assert len(lora_layers(model)) == len(layers)
+
+
+def test_merge_refuses_fp16_overflow():
+    """A delta finite in fp32 but beyond fp16's range (65504) must not be written as inf."""
+    model = lora_model("llama", dtype=torch.float16)
+    layer = next(iter(lora_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(1e6)
+    before = layer.weight.detach().clone()
+    with pytest.raises(UserError, match="non-finite"):
+        layer.merge()
+    assert torch.equal(layer.weight, before)
+    assert not layer.merged
+
+
+# --- 7. fp16 base under AMP with GradScaler -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora"])
+def test_fp16_base_amp_gradscaler_step(variant):
+    """CPU autocast fp16 (supported by this torch) + GradScaler: LoRA params are fp32, so unscale_ works."""
+    model = tiny.make_model("llama", dtype=torch.float16).train()
+    apply_lora(model, settings(**VARIANTS[variant]))
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    opt = torch.optim.AdamW(lora.values(), lr=1e-2)
+    # A moderate initial scale: the default 2**16 can overflow fp16 activations' grads on the very first step,
+    # which GradScaler handles by skipping the step; we want the step taken.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(IDS, labels=IDS)
+    assert torch.isfinite(out.loss)
+    scaler.scale(out.loss).backward()
+    scaler.unscale_(opt)  # raises "Attempting to unscale FP16 gradients" if LoRA params were fp16
+    for name, param in lora.items():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
+    assert any(param.grad.abs().sum() > 0 for param in lora.values())
+    scaler.step(opt)
+    scaler.update()
+    assert all(p.dtype == torch.float32 for p in lora.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in lora)
+    changed = [n for n, p in lora.items() if not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed)
+    assert scaler.get_scale() == 2.0**8  # no inf/nan found: the step was not skipped
