@@ -280,4 +280,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         layer.merge()
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, layer.unwrap())
+        # The layer has left the model, so nothing can unmerge it: drop DoRA's kept copy of the original weight
+        # now, or `layers` keeps every copy alive until the loop ends (a second copy of all targeted weights).
+        layer._original_weight = None
     return model

@@ -1,0 +1,195 @@
+"""Command-line entry points. Thin: parse arguments, call the library, turn UserError into exit code 2.
+
+`lora-train`, `lora-merge` and `lora-generate` are separate console scripts; `python -m lora_cli train|merge|generate`
+reaches the same commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+err_console = Console(stderr=True)
+EXIT_USER_ERROR = 2
+
+DEBUG_HELP = "Show the full traceback on errors."
+
+
+def _quiet_libraries() -> None:
+    """Keep the user's terminal for our messages: transformers/datasets chatter goes below warning level."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def handle_errors(func):
+    """Run a command; a UserError becomes its message on stderr and exit code 2 (a traceback only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        _quiet_libraries()
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            if debug:
+                raise
+            err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- lora-train ----------------------------------------------------------------------------------------------
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="YAML config file (see configs/ for examples)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Load model and data, print what would be trained, stop."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(config, overrides or [])
+    train(cfg, dry_run=dry_run)
+
+
+# --- lora-merge ----------------------------------------------------------------------------------------------
+
+
+def merge_command(
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="Adapter folder (lora-train output or PEFT save_pretrained)."
+    ),
+    output_dir: Path = typer.Argument(
+        ..., metavar="OUTPUT_DIR", help="Folder to write the merged model to (created atomically)."
+    ),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="Base model (Hub name or folder). Default: base_model_name_or_path of the adapter."
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="float16 | bfloat16 | float32. Default: the base model's stored dtype."
+    ),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check the merged model's logits against base + adapter before writing."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Merge a LoRA adapter into its base model and write a plain transformers model folder."""
+    from .merge import merge_adapter
+
+    console = Console(highlight=False, soft_wrap=True)
+    result = merge_adapter(
+        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+        overwrite=overwrite, log=lambda message: console.print(message, markup=False),
+    )
+    console.print(f"[green]merged model saved to {result.output_dir}")
+
+
+# --- lora-generate -------------------------------------------------------------------------------------------
+
+
+def generate_command(
+    model: str = typer.Argument(..., metavar="MODEL", help="Model: Hub name or local folder (a merged folder too)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter folder to apply to MODEL."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt; the answer streams to stdout."),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "--prompt-file", help='One prompt per line, or JSONL with a "prompt" (or "question") field.'
+    ),
+    chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat on stdin; /exit or Ctrl-D ends."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the weights in memory (same output)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy, deterministic."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold (sampling only)."),
+    top_k: int = typer.Option(50, "--top-k", help="Sample among the K likeliest tokens; 0 = no limit."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = none."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Send the raw text, no chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message put before the conversation."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write results as JSONL to this file."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Generate text with a model, optionally with a LoRA adapter."""
+    from . import generate as gen
+
+    modes = [name for name, given in (("--prompt", prompt is not None), ("--prompt-file", prompt_file is not None),
+                                      ("--chat", chat)) if given]
+    if len(modes) != 1:
+        raise UserError(
+            f"Choose exactly one of --prompt TEXT, --prompt-file FILE or --chat (got {' and '.join(modes) or 'none'})."
+        )
+    options = gen.sampling_options(
+        gen.SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+        chat_template=not no_chat_template,
+    )
+    prompts = gen.read_prompt_file(prompt_file) if prompt_file is not None else None
+    gen.check_output_file(output)
+    status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    lm, tokenizer = gen.load_for_generation(model, adapter, merge, log=status)
+    with open(output, "w", encoding="utf-8") if output is not None else contextlib.nullcontext() as out_file:
+        record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
+        if chat:
+            gen.chat_session(lm, tokenizer, sys.stdin, system=system, on_turn=record, **options)
+        elif prompt_file is not None:  # JSONL to --output (answers stream to stdout), or JSONL alone to stdout
+            gen.run_prompts(lm, tokenizer, prompts, out_file or sys.stdout, stream=out_file is not None,
+                            system=system, **options)
+        else:
+            response = gen.generate_text(lm, tokenizer, prompt, stream=True, system=system, **options)
+            if record is not None:
+                record(prompt, response)
+
+
+# --- wiring --------------------------------------------------------------------------------------------------
+
+
+def _single(command) -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command()(handle_errors(command))
+    return app
+
+
+def _all_commands() -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    app.command("train")(handle_errors(train_command))
+    app.command("merge")(handle_errors(merge_command))
+    app.command("generate")(handle_errors(generate_command))
+    return app
+
+
+train_app = _single(train_command)
+merge_app = _single(merge_command)
+generate_app = _single(generate_command)
+main_app = _all_commands()
+
+
+def main() -> None:  # python -m lora_cli
+    main_app(prog_name="python -m lora_cli")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

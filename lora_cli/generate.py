@@ -1,0 +1,293 @@
+"""lora-generate: text from a base model, base + adapter (unmerged or merged in memory), or a merged folder.
+
+Prompts are rendered with the tokenizer's chat template when it has one, exactly as lora-train renders chat data
+(`apply_chat_template(messages)`, then tokenized without extra special tokens), with the generation prompt added.
+The quickstart calls `load_for_generation` and `generate_text` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+import torch
+
+from .adapter import load_adapter, read_adapter_config
+from .errors import UserError
+from .inject import merge_lora
+from .models import PRECISION_DTYPES, choose_precision, load_base_model, load_tokenizer, model_device
+
+EXIT_COMMANDS = ("/exit", "/quit")
+RESET_COMMAND = "/reset"
+RAW_TURN_SEPARATOR = "\n\n"  # how a conversation is joined when there is no chat template
+
+
+@dataclass
+class SamplingSettings:
+    """How tokens are chosen. temperature 0 means greedy decoding (deterministic)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> "SamplingSettings":
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0; 0 means greedy (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            problems.append(f"--top-k must be >= 0; 0 disables it (got {self.top_k})")
+        if self.repetition_penalty <= 0:
+            problems.append(f"--repetition-penalty must be > 0; 1 means none (got {self.repetition_penalty})")
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def load_for_generation(
+    model: str,
+    adapter: str | Path | None = None,
+    merge: bool = False,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    log: Callable[[str], None] | None = None,
+):
+    """(model, tokenizer) ready to generate: on CUDA if available (bf16 on compute capability >= 8, fp16 below),
+    else CPU fp32. With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
+    log = log or (lambda message: None)
+    if merge and adapter is None:
+        raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
+    if adapter is not None:
+        read_adapter_config(adapter)  # a missing or broken adapter fails before the (slow) model load
+    device = device or model_device()
+    if dtype is None:
+        dtype = PRECISION_DTYPES[choose_precision("auto").precision] if device.startswith("cuda") else torch.float32
+    tokenizer = load_tokenizer(model)
+    log(f"loading {model} on {device} ({str(dtype).split('.')[1]})")
+    lm = load_base_model(model, dtype, device=device)
+    if adapter is not None:
+        _, report = load_adapter(lm, adapter)
+        log(f"adapter {adapter}: {len(report.wrapped)} LoRA modules" + (", merged in memory" if merge else ""))
+        if merge:
+            merge_lora(lm)
+    return lm.eval(), tokenizer
+
+
+# --- prompts -------------------------------------------------------------------------------------------------
+
+
+def _messages(prompt: str | list[dict], system: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def render_prompt(
+    tokenizer, prompt: str | list[dict], *, chat_template: bool = True, system: str | None = None
+) -> tuple[str, bool]:
+    """The text the model sees and whether the tokenizer should add its special tokens (bos) to it.
+
+    With a chat template: the conversation rendered with add_generation_prompt=True; the template writes any bos
+    itself, as in training. Without one (or chat_template=False): the raw text, the turns (system first) joined
+    by a blank line; the tokenizer adds its usual special tokens.
+    """
+    messages = _messages(prompt, system)
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # the template's own checks raise jinja errors
+            raise UserError(f"The tokenizer's chat template rejected the conversation: {err}") from None
+        return text, False
+    return RAW_TURN_SEPARATOR.join(m["content"] for m in messages), True
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured if isinstance(configured, (list, tuple)) else [configured]) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    chat_template: bool = True,
+    system: str | None = None,
+    stream: bool = False,
+) -> str:
+    """Generate an answer to `prompt` (a string, or a list of {"role", "content"} messages) and return it.
+
+    temperature 0 is greedy decoding. Generation stops at eos (the tokenizer's and the generation config's) or
+    after max_new_tokens. With `stream`, the answer is printed to stdout as it is generated.
+    """
+    from transformers import TextStreamer
+
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed).validate()
+    text, add_special_tokens = render_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+    device = next(model.parameters()).device
+    input_ids = encoded["input_ids"].to(device)
+    attention_mask = encoded["attention_mask"].to(device)
+    # On top of the model's own generation_config (transformers merges it in); max_new_tokens wins over max_length.
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+        "eos_token_id": _eos_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "do_sample": settings.temperature > 0,
+    }
+    if settings.temperature > 0:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.seed is not None:
+        from transformers import set_seed
+
+        set_seed(settings.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# --- the three modes of lora-generate ------------------------------------------------------------------------
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line, or JSONL with a "prompt" (or "question") field per line. Blank lines are skipped.
+
+    The file is JSONL when it ends in .jsonl/.json or its first non-blank line starts with "{".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Prompt file {path} does not exist (or is not a file).")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"Prompt file {path} is not UTF-8 text ({err}).") from None
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise UserError(f"Prompt file {path} has no prompts (it is empty).")
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json") or numbered[0][1].lstrip().startswith("{")
+    if not is_jsonl:
+        return [line for _, line in numbered]
+    prompts = []
+    for number, line in numbered:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {number} is not valid JSON ({err.msg}); the file looks like JSONL.") from None
+        field_name = next((k for k in ("prompt", "question") if isinstance(row, dict) and k in row), None)
+        if field_name is None or not isinstance(row[field_name], str):
+            raise UserError(
+                f"{path} line {number} needs a string field \"prompt\" (or \"question\"), e.g. "
+                '{"prompt": "What is LoRA?"}; for plain text use one prompt per line.'
+            )
+        prompts.append(row[field_name])
+    return prompts
+
+
+def check_output_file(path: str | Path | None) -> None:
+    """Refuse an unusable --output before the model loads."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder; pass a file path.")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {path}: folder {parent} does not exist (or is not a folder).")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"--output {path} is not writable; choose another path.")
+
+
+def run_prompts(
+    model, tokenizer, prompts: Iterable[str], out: TextIO, *, stream: bool = False, **options
+) -> list[dict]:
+    """Answer each prompt on its own; write one JSON line {"prompt", "response"} per answer to `out` as it ends."""
+    records = []
+    for prompt in prompts:
+        response = generate_text(model, tokenizer, prompt, stream=stream, **options)
+        records.append(write_record(out, prompt, response))
+    return records
+
+
+def write_record(out: TextIO, prompt: str, response: str) -> dict:
+    """One JSONL line {"prompt", "response"}, flushed so partial results survive an interruption."""
+    record = {"prompt": prompt, "response": response}
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.flush()
+    return record
+
+
+def chat_session(
+    model,
+    tokenizer,
+    lines: TextIO | None = None,
+    *,
+    system: str | None = None,
+    interactive: bool | None = None,
+    on_turn: Callable[[str, str], None] | None = None,
+    **options,
+) -> list[dict]:
+    """A multi-turn conversation read line by line from `lines` (stdin), answers streamed to stdout.
+
+    Every answer sees the whole history. Ends at EOF (Ctrl-D) or /exit; /reset forgets the history. The "> "
+    marker is printed only when the input is a terminal, so piped output stays clean. Returns the history.
+    """
+    lines = lines if lines is not None else sys.stdin
+    if interactive is None:
+        interactive = bool(getattr(lines, "isatty", lambda: False)())
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    start = len(history)
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = lines.readline()
+        if not line:  # EOF
+            if interactive:
+                sys.stdout.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in EXIT_COMMANDS:
+            break
+        if text == RESET_COMMAND:
+            del history[start:]
+            continue
+        history.append({"role": "user", "content": text})
+        response = generate_text(model, tokenizer, list(history), stream=True, **options)
+        history.append({"role": "assistant", "content": response})
+        if on_turn is not None:
+            on_turn(text, response)
+    return history
+
+
+def sampling_options(settings: SamplingSettings, chat_template: bool = True) -> dict:
+    """Keyword arguments for generate_text."""
+    return {**asdict(settings.validate()), "chat_template": chat_template}

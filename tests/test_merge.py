@@ -1,0 +1,331 @@
+"""lora-merge: merged folders reload cleanly and reproduce base + adapter (ours and PEFT's); bad input fails cleanly.
+
+Adapters are made directly with the library (apply_lora + randomised lora_B + save_adapter) and with PEFT, which
+is only a test oracle here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import tiny
+from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lora_cli.cli import merge_app
+from lora_cli.inject import LoraSettings, apply_lora, merge_lora
+from lora_cli.lora import LoraLinear
+from lora_cli.merge import MERGED_ADAPTER_CONFIG_NAME, merge_adapter, save_merged
+from lora_cli.models import load_tokenizer
+from test_lora import peft_config, randomise_lora
+
+IDS = tiny.sample_input_ids()
+VARIANTS = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def load(folder, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(IDS).logits.float()
+
+
+def lora_settings(variant: str) -> LoraSettings:
+    return LoraSettings(r=4, alpha=8.0, **VARIANTS[variant])
+
+
+def make_our_adapter(base_dir: Path, out: Path, variant: str = "plain", seed: int = 0, **overrides) -> Path:
+    model = load(base_dir)
+    settings = LoraSettings(r=4, alpha=8.0, **VARIANTS[variant], **overrides)
+    report = apply_lora(model, settings)
+    randomise_lora(model, seed=seed)
+    return save_adapter(model, out, settings, report.target_modules, base_model_name_or_path=str(base_dir))
+
+
+def make_peft_adapter(base_dir: Path, out: Path, arch: str, variant: str, seed: int = 0):
+    """PEFT's adapter folder and PEFT's own merge_and_unload() of the same model."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(load(base_dir), peft_config(lora_settings(variant), arch))
+    randomise_lora(peft_model, seed=seed)
+    peft_model.save_pretrained(out)
+    return out, peft_model.merge_and_unload().eval()
+
+
+def base_plus_adapter(base_dir: Path, adapter_dir: Path):
+    model = load(base_dir)
+    load_adapter(model, adapter_dir)
+    return model.eval()
+
+
+def merge(*args: str):
+    return CliRunner().invoke(merge_app, [str(a) for a in args])
+
+
+def assert_close(actual, expected, atol):
+    diff = (actual.float() - expected.float()).abs().max().item()
+    assert diff <= atol, f"max abs difference {diff:.3g} > {atol:.3g}"
+
+
+def assert_clean_reload(folder: Path, dtype=torch.float32):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def assert_error(result, *fragments: str):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+# --- merged = base + adapter ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("maker", ["ours", "peft"])
+def test_merged_folder_reloads_and_equals_base_plus_adapter(tiny_model_dir, tmp_path, maker, arch, variant):
+    base_dir = tiny_model_dir(arch)
+    if maker == "ours":
+        adapter = make_our_adapter(base_dir, tmp_path / "adapter", variant)
+        peft_merged = None
+    else:
+        adapter, peft_merged = make_peft_adapter(base_dir, tmp_path / "adapter", arch, variant)
+    out = tmp_path / "merged"
+
+    result = merge(adapter, out)  # base from the adapter's base_model_name_or_path
+
+    assert result.exit_code == 0, result.output
+    assert "verify: merged (float32) vs base + adapter" in result.output and "ok" in result.output
+    merged = assert_clean_reload(out)
+    assert merged.dtype == torch.float32  # the tiny base is stored in fp32
+    expected = logits(base_plus_adapter(base_dir, adapter))
+    assert (expected - logits(load(base_dir))).abs().max() > 1e-2  # the adapter really changes the output
+    assert_close(logits(merged), expected, 1e-4)
+    # the copy of the adapter config must not be named adapter_config.json (transformers would load it as PEFT)
+    assert not (out / CONFIG_NAME).exists()
+    assert json.loads((out / MERGED_ADAPTER_CONFIG_NAME).read_text())["use_dora"] == (variant == "dora")
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert load_tokenizer(str(out)).chat_template == tiny.CHAT_TEMPLATE
+    if peft_merged is not None:  # same weights and logits as PEFT's own merge_and_unload()
+        ours_state = merged.state_dict()
+        for name, tensor in peft_merged.state_dict().items():
+            assert_close(ours_state[name], tensor, 1e-5)
+        assert_close(logits(merged), logits(peft_merged), 1e-4)
+
+
+def test_all_linear_adapter_merges(tiny_model_dir, tmp_path):
+    base_dir = tiny_model_dir("llama")
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", "dora", target_modules="all-linear")
+    result = merge(adapter, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert_close(logits(assert_clean_reload(tmp_path / "merged")), logits(base_plus_adapter(base_dir, adapter)), 1e-4)
+
+
+def test_float16_output(tiny_model_dir, tmp_path):
+    base_dir = tiny_model_dir("llama")
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", "dora")
+    out = tmp_path / "merged"
+    result = merge(adapter, out, "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    assert "merged (float16 weights) vs base + adapter" in result.output
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    merged = assert_clean_reload(out, dtype=torch.float32)  # fp16 weights, fp32 arithmetic
+    assert_close(logits(merged), logits(base_plus_adapter(base_dir, adapter)), 1e-2)
+
+
+def test_default_dtype_is_the_base_stored_dtype(tmp_path):
+    base_dir = tmp_path / "base_bf16"
+    model = tiny.make_model("llama").to(torch.bfloat16)
+    model.save_pretrained(base_dir)
+    tiny.make_tokenizer().save_pretrained(base_dir)
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter")
+    result = merge(adapter, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_small_shards_write_an_index_and_reload(tiny_model_dir, tmp_path):
+    base_dir = tiny_model_dir("llama")
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    result = merge(adapter, out, "--max-shard-size", "30KB", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert "verify" not in result.output
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert_close(logits(assert_clean_reload(out)), logits(base_plus_adapter(base_dir, adapter)), 1e-4)
+
+
+def test_tied_embeddings_stay_tied(tiny_model_dir, tmp_path):
+    base_dir = tmp_path / "tied"
+    tiny.save_model("llama_tied", base_dir)
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", target_modules="all-linear")
+    result = merge(adapter, tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    merged = assert_clean_reload(tmp_path / "merged")
+    assert merged.config.tie_word_embeddings
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
+def test_save_merged_unties_a_head_that_differs(tmp_path):
+    """A config saying "tied" with a head that differs would make transformers re-tie it on load, losing it."""
+    model = tiny.make_model("llama_tied")
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() + 0.5)
+    save_merged(model, tiny.make_tokenizer(), tmp_path / "out")
+    reloaded = assert_clean_reload(tmp_path / "out")
+    assert not reloaded.config.tie_word_embeddings
+    assert torch.equal(reloaded.get_output_embeddings().weight, head.weight)
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_save_merged_refuses_unmerged_model(tmp_path):
+    from lora_cli.errors import UserError
+
+    model = tiny.make_model("llama")
+    apply_lora(model, LoraSettings(r=2))
+    with pytest.raises(UserError, match="still has LoRA layers"):
+        save_merged(model, tiny.make_tokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_merged(merge_lora(model), tiny.make_tokenizer(), tmp_path / "out", dtype=torch.bfloat16,
+                adapter_config={"r": 2})
+    assert json.loads((tmp_path / "out" / MERGED_ADAPTER_CONFIG_NAME).read_text()) == {"r": 2}
+    assert assert_clean_reload(tmp_path / "out", dtype=None).dtype == torch.bfloat16
+
+
+def test_library_result_reports_checks(tiny_model_dir, tmp_path):
+    base_dir = tiny_model_dir("gpt2")
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", "dora")
+    messages = []
+    result = merge_adapter(adapter, tmp_path / "merged", base=str(base_dir), dtype="bf16", log=messages.append)
+    assert result.dtype == torch.bfloat16 and result.adapter_effect > 1e-2
+    assert [c.ok for c in result.checks] == [True, True]
+    assert result.checks[0].max_diff < 1e-4 < result.checks[1].max_diff  # bf16 rounding is visible, and tolerated
+    assert any("verify" in m for m in messages)
+
+
+# --- refusals ------------------------------------------------------------------------------------------------
+
+
+def test_existing_output_refused_without_overwrite(tiny_model_dir, tmp_path):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+
+    result = merge(adapter, out)
+
+    assert_error(result, "already exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    result = merge(adapter, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    # A broken merge: the update is silently dropped (W stays W).
+    monkeypatch.setattr(LoraLinear, "merged_weight", lambda self: self.weight.detach().clone())
+    out = tmp_path / "out" / "merged"
+
+    result = merge(adapter, out)
+
+    assert_error(result, "Verification failed", "nothing was written", "--no-verify")
+    assert not out.exists() and not out.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folders left behind
+
+
+def _corrupt_weights(adapter: Path) -> None:
+    (adapter / WEIGHTS_NAME).write_bytes(b"\x00garbage, not safetensors")
+
+
+def _drop_base_name(adapter: Path) -> None:
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / CONFIG_NAME).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-adapter", "not-an-adapter", "corrupt-safetensors", "llama-adapter-on-gpt2", "no-base-name",
+     "base-missing", "output-under-a-file", "output-is-adapter", "bad-dtype", "bad-shard-size"],
+)
+def test_bad_input_exits_2(tiny_model_dir, tmp_path, case):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    out, extra = tmp_path / "merged", []
+    expected: tuple[str, ...]
+    if case == "missing-adapter":
+        adapter, expected = tmp_path / "nope", ("does not exist",)
+    elif case == "not-an-adapter":
+        adapter, expected = tiny_model_dir("llama"), ("has no adapter_config.json",)
+    elif case == "corrupt-safetensors":
+        _corrupt_weights(adapter)
+        expected = ("not a readable safetensors file",)
+    elif case == "llama-adapter-on-gpt2":
+        extra, expected = ["--base", str(tiny_model_dir("gpt2"))], ("does not fit this base model",)
+    elif case == "no-base-name":
+        _drop_base_name(adapter)
+        expected = ("base_model_name_or_path", "--base")
+    elif case == "base-missing":
+        extra, expected = ["--base", str(tmp_path / "no-model")], ("does not exist",)
+    elif case == "output-under-a-file":
+        (tmp_path / "file.txt").write_text("x")
+        out, expected = tmp_path / "file.txt" / "merged", ("is a file",)
+    elif case == "output-is-adapter":
+        out, extra, expected = adapter, ["--overwrite"], ("which the merge reads from",)
+    elif case == "bad-dtype":
+        extra, expected = ["--dtype", "float8"], ("Unknown dtype", "bfloat16")
+    else:
+        extra, expected = ["--max-shard-size", "two gigs"], ("--max-shard-size",)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    result = merge(adapter, out, *extra)
+
+    assert_error(result, *expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written anywhere
+    if case == "output-is-adapter":
+        assert (adapter / WEIGHTS_NAME).is_file()
+
+
+def test_console_script_entry_point():
+    script = Path(sys.executable).parent / "lora-merge"
+    exe = [str(script)] if script.exists() else [shutil.which("lora-merge") or "lora-merge"]
+    proc = subprocess.run(exe + ["--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "ADAPTER_DIR" in proc.stdout and "--max-shard-size" in proc.stdout and "--no-verify" in proc.stdout
+
+
+def test_fp16_overflow_is_refused_even_without_verify(tiny_model_dir, tmp_path):
+    base_dir = tmp_path / "big"
+    model = tiny.make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e6  # fine in fp32, inf in fp16
+    model.save_pretrained(base_dir)
+    tiny.make_tokenizer().save_pretrained(base_dir)
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter")
+    for flag in ("--verify", "--no-verify"):
+        result = merge(adapter, tmp_path / "merged", "--dtype", "float16", flag)
+        assert_error(result, "bfloat16")
+        assert not (tmp_path / "merged").exists()
