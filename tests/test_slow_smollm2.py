@@ -1,0 +1,57 @@
+"""Checks on the real SmolLM2-135M-Instruct (run `python scripts/fetch_smollm2.py` first, then `pytest -m slow`)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_cli.adapter import load_adapter, save_adapter
+from lora_cli.inject import LoraSettings, apply_lora, merge_lora
+from lora_cli.models import load_base_model, load_tokenizer
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="run scripts/fetch_smollm2.py first"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    tokenizer = load_tokenizer(str(MODEL))
+    return tokenizer("The lighthouse of Quillhaven is painted", return_tensors="pt")["input_ids"]
+
+
+def randomised_adapter(model, settings):
+    report = apply_lora(model, settings)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return report
+
+
+@pytest.mark.parametrize("settings", [LoraSettings(r=8, alpha=16), LoraSettings(r=8, alpha=16, use_dora=True,
+                                                                                target_modules="all-linear")])
+def test_real_model_matches_peft_and_merges(tmp_path, inputs, settings):
+    peft = pytest.importorskip("peft")
+    model = load_base_model(str(MODEL))
+    with torch.no_grad():
+        base = model(inputs).logits
+    report = randomised_adapter(model, settings)
+    with torch.no_grad():
+        ours = model(inputs).logits
+    assert (ours - base).abs().max() > 1e-2  # the adapter matters
+    save_adapter(model, tmp_path, settings, report.target_modules, str(MODEL))
+
+    peft_model = peft.PeftModel.from_pretrained(load_base_model(str(MODEL)), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(inputs).logits, ours, atol=1e-4)
+
+    reloaded = load_base_model(str(MODEL))
+    load_adapter(reloaded, tmp_path)
+    merged = merge_lora(reloaded)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tied embeddings stay tied
+    with torch.no_grad():
+        assert torch.allclose(merged(inputs).logits, ours, atol=1e-4)
