@@ -54,4 +54,5 @@ def test_real_model_matches_peft_and_merges(tmp_path, inputs, settings):
     merged = merge_lora(reloaded)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight  # tied embeddings stay tied
     with torch.no_grad():
-        assert torch.allclose(merged(inputs).logits, ours, atol=1e-4)
+        # fp32 rounding of W + delta over 30 layers, on logits of magnitude ~20: 1e-3 is ~5e-5 relative.
+        assert torch.allclose(merged(inputs).logits, ours, atol=1e-3)
