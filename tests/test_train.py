@@ -215,3 +215,24 @@ def test_precision_choice(requested, capability, expected):
 def test_bf16_refused_on_t4():
     with pytest.raises(UserError, match="compute capability 7.5"):
         choose_precision("bf16", (7, 5))
+
+
+def test_merge_at_end_writes_a_plain_model_equal_to_base_plus_adapter(tmp_path, trainable_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.adapter import load_adapter
+
+    model_dir = trainable_model_dir("llama")
+    config = make_config(tmp_path, model_dir, train={"max_steps": 3, "merge_at_end": True})
+    result = train(load_config(config), quiet=True)
+    merged_dir = tmp_path / "out" / "merged"
+    assert result.merged_dir == merged_dir
+    assert (merged_dir / "config.json").is_file() and (merged_dir / "tokenizer.json").is_file()
+    assert json.loads((merged_dir / "lora_adapter_config.json").read_text())["peft_type"] == "LORA"
+    merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(reference, tmp_path / "out")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, reference.eval()(ids).logits, atol=1e-5)
