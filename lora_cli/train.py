@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 
 from . import data as data_lib
-from .adapter import WEIGHTS_NAME, save_adapter
+from . import packing as packing_lib
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from .config import Config, config_to_yaml
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_file, atomic_write_text
@@ -89,9 +90,23 @@ def _check_output_dir(cfg: Config) -> Path:
     return out
 
 
-def _make_batches(bundle_examples, cfg: Config, epoch: int) -> list[list[int]]:
+def _make_batches(bundle_examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
+    """The epoch's micro batches: each a list of rows, each row the indices of the examples it holds.
+
+    Without packing every row holds one example and batches group similar lengths; with data.packing, rows are
+    filled with several examples up to data.max_length tokens and a micro batch is micro_batch_size such rows.
+    """
     lengths = [len(ex.input_ids) for ex in bundle_examples]
-    return data_lib.length_grouped_batches(lengths, cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
+    t = cfg.train
+    if cfg.data.packing:
+        return data_lib.packed_batches(lengths, cfg.data.max_length, t.micro_batch_size, seed=t.seed, epoch=epoch)
+    return [[[i] for i in b] for b in data_lib.length_grouped_batches(lengths, t.micro_batch_size, t.seed, epoch)]
+
+
+def _collate(examples, plan: list[list[int]], pad_id: int, packing: bool) -> dict:
+    if packing:
+        return data_lib.collate_packed([[examples[i] for i in row] for row in plan], pad_id)
+    return data_lib.collate([examples[row[0]] for row in plan], pad_id)
 
 
 def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -213,12 +228,19 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
         enable_gradient_checkpointing(model)
     model.train()
     optimizer = make_optimizer(model, cfg)
-    batches_per_epoch = math.ceil(len(bundle.train) / cfg.train.micro_batch_size)
+    first_epoch = _make_batches(bundle.train, cfg, 0)
+    batches_per_epoch = len(first_epoch)
+    if cfg.data.packing:
+        rows = sum(len(plan) for plan in first_epoch)
+        fill = bundle.stats.train_tokens / max(1, rows * cfg.data.max_length)
+        console.print(f"packing: {len(bundle.train)} examples into {rows} rows of up to {cfg.data.max_length} "
+                      f"tokens ({fill:.0%} full)")
     total_steps = _total_steps(cfg, batches_per_epoch)
     scheduler = make_scheduler(
         optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * total_steps), total_steps
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    packing = cfg.data.packing
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -234,13 +256,14 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
 
     progress = _progress(quiet)
     task = progress.add_task("training", total=total_steps, loss=float("nan"), lr=0.0, tps=0.0)
-    with progress:
+    with progress, packing_lib.packed_attention(accelerator.unwrap_model(model), accelerator.device, packing):
         while state.global_step < total_steps:
             batches = _make_batches(bundle.train, cfg, state.epoch)
             groups = [batches[i : i + accum] for i in range(state.batch_in_epoch, len(batches), accum)]
             for group in groups:
-                micro = [data_lib.collate([bundle.train[i] for i in b], pad_id) for b in group]
+                micro = [_collate(bundle.train, plan, pad_id, packing) for plan in group]
                 n_trained = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+                window_real_tokens += sum(len(bundle.train[i]) for plan in group for row in plan for i in row)
                 step_loss = 0.0
                 finite = True
                 for m in micro:
@@ -255,7 +278,6 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
                         break
                     accelerator.backward(loss)
                     step_loss += loss.item()
-                    window_real_tokens += int(m["attention_mask"].sum())
                 state.batch_in_epoch += len(group)
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -320,7 +342,11 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     if t.merge_at_end:
         from .merge import save_merged
 
-        result.merged_dir = save_merged(merge_lora(unwrapped), tokenizer, out / "merged", overwrite=True)
+        # The adapter config travels with the merged model (as lora_adapter_config.json) for provenance.
+        adapter_config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        result.merged_dir = save_merged(
+            merge_lora(unwrapped), tokenizer, out / "merged", overwrite=True, adapter_config=adapter_config
+        )
         console.print(f"[green]merged model saved to {result.merged_dir}")
     return result
 

@@ -1,0 +1,173 @@
+"""causal_lm_loss: the same loss and gradients as the plain full-logits loss, without ever holding full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tiny
+from lora_cli.inject import LoraSettings, apply_lora
+from lora_cli.lora import LoraLinear
+from lora_cli.losses import CHUNK_BYTES, MIN_CHUNK_ROWS, causal_lm_loss, chunk_rows
+from test_lora import randomise_lora
+
+IGNORE = -100
+
+
+def lora_model(arch: str, targets="all-linear", vocab: int | None = None, seed: int = 0):
+    if vocab is None:
+        model = tiny.make_model(arch, seed=seed)
+    else:  # a larger vocabulary, for the memory tests
+        torch.manual_seed(seed)
+        config = tiny.ARCH_CONFIGS[arch]()
+        config.vocab_size = vocab
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=targets))
+    with torch.no_grad():
+        randomise_lora(model)
+    return model.eval()  # eval: no dropout in the base models, so both paths see the same function
+
+
+def padded_batch(batch: int = 3, length: int = 20, seed: int = 1) -> dict:
+    """Padding at the end of one row, a masked prompt on every row: the loss must skip both."""
+    input_ids = tiny.sample_input_ids(batch, length, seed)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, length - 6 :] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    labels[:, :5] = IGNORE
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def plain_loss_sum(model, batch) -> torch.Tensor:
+    """The reference: transformers' own loss (mean over trained tokens) times their number."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    return out.loss * int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def assert_same_loss_and_grads(model, batch, **loss_kwargs):
+    params = trainable(model)
+    expected = plain_loss_sum(model, batch)
+    expected_grads = torch.autograd.grad(expected, params)
+    got, n_tokens = causal_lm_loss(model, batch, **loss_kwargs)
+    got_grads = torch.autograd.grad(got, params)
+    assert n_tokens == int((batch["labels"][:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS + ["llama_tied"])
+@pytest.mark.parametrize("chunk_tokens", [7, None])  # several chunks (one ragged), and the default (one chunk)
+def test_same_loss_and_gradients_as_plain_loss(arch, chunk_tokens):
+    assert_same_loss_and_grads(lora_model(arch), padded_batch(), chunk_tokens=chunk_tokens)
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, 10_000])  # checkpointed chunks, and one chunk without checkpointing
+def test_trainable_head_falls_back_and_still_matches(chunk_tokens):
+    model = lora_model("llama", targets=["q_proj", "lm_head"])
+    assert isinstance(model.get_output_embeddings(), LoraLinear)
+    assert_same_loss_and_grads(model, padded_batch(), chunk_tokens=chunk_tokens)
+
+
+def test_logit_postprocessing_uses_the_models_own_forward():
+    model = lora_model("llama")
+    model.config.logit_scale = 1.0  # a model that transforms its logits: causal_lm_loss must not bypass them
+    assert_same_loss_and_grads(model, padded_batch())
+
+
+def test_no_grad_evaluation_matches():
+    model, batch = lora_model("gpt2"), padded_batch()
+    with torch.no_grad():
+        got, _ = causal_lm_loss(model, batch, chunk_tokens=8)
+        torch.testing.assert_close(got, plain_loss_sum(model, batch), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_without_trained_tokens_gives_zero_and_backpropagates():
+    model, batch = lora_model("llama"), padded_batch()
+    batch["labels"][:] = IGNORE
+    loss, n_tokens = causal_lm_loss(model, batch)
+    assert n_tokens == 0 and loss.item() == 0.0
+    loss.backward()  # no "does not require grad" error: the step can go on
+    assert all(p.grad is None or not p.grad.any() for p in trainable(model))
+
+
+def test_bf16_autocast_close_to_plain():
+    model, batch = lora_model("llama"), padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain_loss_sum(model, batch)
+        got, _ = causal_lm_loss(model, batch, chunk_tokens=8)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=0.0)
+
+
+def test_chunk_rows_by_vocabulary():
+    assert chunk_rows(32000) == CHUNK_BYTES // (4 * 32000)
+    assert chunk_rows(152064) < chunk_rows(32000)
+    assert chunk_rows(10**9) == MIN_CHUNK_ROWS
+
+
+# --- no full logits ------------------------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+class SavedForBackward:
+    """Records the largest tensor autograd saves for the backward pass."""
+
+    def __init__(self):
+        self.largest = 0
+
+    def pack(self, t):
+        self.largest = max(self.largest, t.numel())
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def test_no_full_logits_tensor_is_created_or_saved():
+    vocab, batch_size, length = 4096, 4, 64
+    model = lora_model("llama", vocab=vocab)
+    ids = torch.randint(4, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    full_logits = batch_size * (length - 1) * vocab
+    rows = 32
+
+    with LargestTensor() as created, SavedForBackward() as saved:
+        loss, _ = causal_lm_loss(model, batch, chunk_tokens=rows)
+        loss.backward()
+    assert created.largest <= rows * vocab < full_logits / 4  # one chunk of logits at most, never all of them
+    assert saved.largest < vocab * 16  # nothing of vocabulary size is kept for backward (the head weight is frozen)
+
+    # The detectors work: the plain path creates and saves full logits.
+    with LargestTensor() as created, SavedForBackward() as saved:
+        plain_loss_sum(model, batch).backward()
+    assert created.largest >= full_logits and saved.largest >= full_logits
+
