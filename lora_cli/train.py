@@ -21,7 +21,7 @@ from . import packing as packing_lib
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from .config import Config, config_to_yaml
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_file, atomic_write_text
+from .fsutil import atomic_dir, atomic_write_text
 from .inject import LoraSettings, apply_lora, merge_lora
 from .losses import causal_lm_loss
 from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
@@ -220,9 +220,6 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     if dry_run:
         print_dry_run(cfg, tokenizer, bundle)
         return None
-    if not bundle.train:
-        raise UserError(f"data.path '{cfg.data.path}' gave no training examples after tokenization.")
-
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu")
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -415,7 +412,10 @@ def _print_data_summary(bundle) -> None:
         console.print(f"[yellow]{s.num_truncated} examples were longer than data.max_length and were truncated.")
     dropped = getattr(s, "num_dropped", 0)
     if dropped:
-        console.print(f"[yellow]{dropped} examples had no trained tokens left after truncation and were dropped.")
+        console.print(
+            f"[yellow]{dropped} examples had no trained tokens (no response, or none left after truncation) and "
+            "were dropped."
+        )
 
 
 def print_dry_run(cfg: Config, tokenizer, bundle) -> None:

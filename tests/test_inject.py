@@ -14,7 +14,7 @@ import tiny
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora, lora_layers, resolve_target_paths, set_lora_enabled
 from lora_cli.lora import LoraLinear
-from test_lora import IDS, logits, randomise_lora, settings
+from test_lora import logits, randomise_lora, settings
 
 LAYERS = (0, 1)
 
