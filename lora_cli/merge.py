@@ -22,18 +22,12 @@ from .adapter import CONFIG_NAME, load_adapter, read_adapter_config
 from .errors import UserError
 from .fsutil import atomic_dir
 from .inject import lora_layers, merge_lora, set_lora_enabled
-from .models import DTYPES, load_base_model, load_tokenizer
+from .models import load_base_model, load_tokenizer, parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
 # holding adapter_config.json makes transformers (and vLLM, TGI) treat the folder as a PEFT adapter and try to
 # load a base model from base_model_name_or_path. Under this name every loader ignores it.
 MERGED_ADAPTER_CONFIG_NAME = "lora_adapter_config.json"
-
-DTYPE_ALIASES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
 
 # A few fixed sentences of different kinds (prose, code, Q&A, numbers) for the verify batch.
 VERIFY_TEXTS = (
@@ -86,15 +80,6 @@ class MergeResult:
 # --- helpers -------------------------------------------------------------------------------------------------
 
 
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = DTYPE_ALIASES.get(str(name).strip().lower())
-    if dtype is None:
-        raise UserError(f"Unknown dtype '{name}'; choose one of {', '.join(DTYPES)}.")
-    return dtype
-
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -112,23 +97,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise UserError(f"--max-shard-size must be positive, got {size!r}.")
     return value
-
-
-def stored_dtype(name_or_path: str, revision: str | None = None) -> torch.dtype | None:
-    """The dtype the model's config.json says its weights are stored in (`dtype`, formerly `torch_dtype`)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError, KeyError):
-        return None
-    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
-        value = getattr(cfg, "dtype", None) if cfg is not None else None
-        if isinstance(value, str):
-            value = DTYPE_ALIASES.get(value.lower())
-        if isinstance(value, torch.dtype) and value in CAST_TOLERANCE:
-            return value
-    return None
 
 
 def _is_within(path: Path, other: Path) -> bool:

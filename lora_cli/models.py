@@ -14,6 +14,38 @@ from .errors import UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Names users and config files write for the same three dtypes.
+DTYPE_ALIASES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = DTYPE_ALIASES.get(str(name).strip().lower())
+    if dtype is None:
+        raise UserError(f"Unknown dtype '{name}'; choose one of {', '.join(DTYPES)}.")
+    return dtype
+
+
+def stored_dtype(name_or_path: str, revision: str | None = None) -> torch.dtype | None:
+    """The dtype the model's config.json says its weights are stored in (`dtype`, formerly `torch_dtype`)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError, KeyError):
+        return None
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        value = getattr(cfg, "dtype", None) if cfg is not None else None
+        if isinstance(value, str):
+            value = DTYPE_ALIASES.get(value.lower())
+        if isinstance(value, torch.dtype) and value in DTYPES.values():
+            return value
+    return None
 
 
 @dataclass
