@@ -211,7 +211,13 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     from accelerate.utils import set_seed
 
     precision = choose_precision(cfg.train.precision)
-    out = _check_output_dir(cfg)
+    try:
+        out = _check_output_dir(cfg)
+    except UserError as err:
+        if not dry_run:  # checked before loading anything, so a doomed run fails in seconds
+            raise
+        console.print(f"[yellow]note: a real run would stop here: {err}")
+        out = Path(cfg.train.output_dir)
     console.print(f"[bold]precision:[/bold] {precision.reason}")
     set_seed(cfg.train.seed)
     tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)

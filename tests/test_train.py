@@ -236,3 +236,13 @@ def test_merge_at_end_writes_a_plain_model_equal_to_base_plus_adapter(tmp_path, 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         assert torch.allclose(merged.eval()(ids).logits, reference.eval()(ids).logits, atol=1e-5)
+
+
+def test_dry_run_over_an_existing_adapter_warns_and_changes_nothing(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 1})
+    assert runner.invoke(train_app, [str(config)]).exit_code == 0
+    before = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    result = runner.invoke(train_app, [str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "train.overwrite_output_dir" in result.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == before
