@@ -412,11 +412,12 @@ def _print_data_summary(bundle) -> None:
     s = bundle.stats
     console.print(
         f"data ({s.format}): {s.num_train} train / {s.num_val} validation examples, {s.train_tokens:,} tokens "
-        f"of which {s.trained_tokens:,} trained"
+        f"of which {s.trained_tokens:,} trained; longest {s.max_example_length} tokens, {s.num_truncated} truncated "
+        f"to data.max_length={s.max_length}"
     )
     if s.num_truncated:
         console.print(f"[yellow]{s.num_truncated} examples were longer than data.max_length and were truncated.")
-    dropped = getattr(s, "num_dropped", 0)
+    dropped = s.num_dropped
     if dropped:
         console.print(
             f"[yellow]{dropped} examples had no trained tokens (no response, or none left after truncation) and "

@@ -136,6 +136,7 @@ def test_dry_run_trains_nothing(tmp_path, trainable_model_dir):
     assert "resolved config" in result.output
     assert "trainable params" in result.output
     assert "12 train" in result.output
+    assert "0 truncated" in result.output
     assert "Orla Fenwick" in result.output  # the preview of the first example
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
