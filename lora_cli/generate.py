@@ -19,7 +19,7 @@ import torch
 from .adapter import load_adapter, read_adapter_config
 from .errors import UserError
 from .inject import merge_lora
-from .models import PRECISION_DTYPES, choose_precision, load_base_model, load_tokenizer, model_device
+from .models import base_dtype, choose_precision, load_base_model, load_tokenizer, model_device
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -75,7 +75,7 @@ def load_for_generation(
         read_adapter_config(adapter)  # a missing or broken adapter fails before the (slow) model load
     device = device or model_device()
     if dtype is None:
-        dtype = PRECISION_DTYPES[choose_precision("auto").precision] if device.startswith("cuda") else torch.float32
+        dtype = base_dtype("auto", choose_precision("auto")) if device.startswith("cuda") else torch.float32
     tokenizer = load_tokenizer(model)
     log(f"loading {model} on {device} ({str(dtype).split('.')[1]})")
     lm = load_base_model(model, dtype, device=device)

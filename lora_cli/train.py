@@ -60,7 +60,7 @@ def lora_settings(cfg: Config) -> LoraSettings:
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    dtype = base_dtype(cfg.model.dtype, precision.precision if precision.device == "cuda" else "fp32")
+    dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code)
     report = apply_lora(model, lora_settings(cfg))
     bundle = data_lib.build_datasets(

@@ -247,3 +247,15 @@ def test_dry_run_over_an_existing_adapter_warns_and_changes_nothing(tmp_path, tr
     assert result.exit_code == 0, result.output
     assert "train.overwrite_output_dir" in result.output
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "setting,precision,device,expected",
+    [("auto", "fp16", "cuda", torch.float16), ("auto", "bf16", "cuda", torch.bfloat16),
+     ("auto", "bf16", "cpu", torch.float32), ("auto", "fp32", "cpu", torch.float32),
+     ("bfloat16", "fp32", "cpu", torch.bfloat16)],
+)
+def test_base_dtype_is_half_only_on_gpu(setting, precision, device, expected):
+    from lora_cli.models import PrecisionChoice, base_dtype
+
+    assert base_dtype(setting, PrecisionChoice(precision, device, "")) == expected
