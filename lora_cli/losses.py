@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")  # what of a batch the decoder takes
 # Rows per chunk: 32 MiB of fp32 logits, but never fewer than 256 rows. Measured (docs/BENCHMARKS.md, CPU fp32):
 # with a 32k vocabulary 256 rows are fastest (17% faster than transformers' full logits; 64 rows lose 13%, 1024+
 # rows lose 6% to cache misses); with a 128k vocabulary 65 rows are 9% slower than 256 rows, so the floor. At 152k
@@ -56,7 +57,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> tuple
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     n_tokens = int(keep.sum())
-    model_kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    model_kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     if not _uses_plain_head(model):
         logits = model(**model_kwargs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), n_tokens

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from .errors import UserError
+from .losses import MODEL_INPUT_KEYS
 
 PACKED_SDPA = "lora_cli_packed_sdpa"
 
@@ -133,7 +134,7 @@ def check_packing_supported(model, device) -> None:
 
 
 def _decoder_states(model, batch: dict, device) -> torch.Tensor:
-    kwargs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    kwargs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     if hasattr(model, "get_decoder"):
         return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
     return model(**kwargs, use_cache=False).logits
