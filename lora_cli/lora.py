@@ -38,6 +38,10 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 class LoraLinear(nn.Module):
     """A Linear/Conv1D with a low-rank update. Build it with `LoraLinear.from_base(module, ...)`."""
 
+    # The fused autograd node (`_FusedLoraLinear`) wherever it applies; False forces the plain composition of
+    # modules (the reference the tests compare the fused node against).
+    use_fused = True
+
     def __init__(
         self,
         base: nn.Module,
@@ -117,14 +121,18 @@ class LoraLinear(nn.Module):
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fan_in_fan_out:  # exactly Conv1D.forward, so a fresh adapter is bit-identical to the base
-            out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            rows = x.reshape(-1, x.size(-1))
+            out = torch.mm(rows, self.weight) if self.bias is None else torch.addmm(self.bias, rows, self.weight)
             return out.view(x.shape[:-1] + (self.out_features,))
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self._base_forward(x)
         if self.merged or not self.lora_enabled:
-            return result
+            return self._base_forward(x)
+        compute_dtype = self._fused_compute_dtype(x)
+        if compute_dtype is not None:
+            return self._fused_forward(x, compute_dtype)
+        result = self._base_forward(x)
         lora_dtype = self.lora_A.weight.dtype
         # Under autocast the matmuls below run in the autocast dtype anyway; outside it we cast explicitly.
         lora_x = x if x.dtype == lora_dtype or torch.is_autocast_enabled(x.device.type) else x.to(lora_dtype)
@@ -133,6 +141,40 @@ class LoraLinear(nn.Module):
         if not self.use_dora:
             return result + (lora_out * self.scaling).to(result.dtype)
         return result + self._dora_extra(x, dropped, lora_out, result).to(result.dtype)
+
+    def _fused_compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the fused path would compute in, or None where the plain autograd path must run.
+
+        The fused path needs a frozen base (it never computes W's gradient), the plain LoRA formula (DoRA rescales
+        the base output), and one dtype for x, W and the LoRA weights: the autocast dtype under autocast (what
+        autocast would cast each matmul's operands to anyway), else the common dtype. An fp16 base with fp32 LoRA
+        outside autocast (inference on an unmerged adapter) keeps the plain path and its fp32 LoRA arithmetic.
+        DeepSpeed ZeRO-3 partitions lora_A/lora_B and gathers them only when their own modules are called, which the
+        fused path does not do.
+        """
+        if not self.use_fused or self.use_dora or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return None
+        if hasattr(self.lora_A.weight, "ds_id"):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return dtype if x.is_floating_point() else None
+        dtype = self.lora_A.weight.dtype
+        same = x.dtype == self.weight.dtype == dtype == self.lora_B.weight.dtype
+        return dtype if same and (self.bias is None or self.bias.dtype == dtype) else None
+
+    def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W x + b + s B A drop(x) in one autograd node: see `_FusedLoraLinear` for what it saves."""
+        dropped = self.lora_dropout(x)
+        lora_x = None if dropped is x else dropped.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        # Casts outside the fused node are autograd ops: gradients reach the fp32 LoRA params in fp32, as with
+        # autocast's own casts. They are no-ops when the dtypes already agree (fp32 on CPU).
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedLoraLinear.apply(
+                x.to(dtype), lora_x, self.weight.to(dtype), bias, self.lora_A.weight.to(dtype),
+                self.lora_B.weight.to(dtype), self.scaling, self.fan_in_fan_out,
+            )
 
     def _dora_extra(self, x, dropped, lora_out, result) -> torch.Tensor:
         """DoRA's output minus the base output: (m/||W+sBA|| - 1) W x + (m/||W+sBA||) s B A x (bias aside)."""
@@ -197,3 +239,50 @@ class LoraLinear(nn.Module):
             f"{kind}(in={self.in_features}, out={self.out_features}), r={self.r}, alpha={self.alpha}, "
             f"scaling={self.scaling:.4g}, dora={self.use_dora}, merged={self.merged}"
         )
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (drop(x) A^T) B^T for a frozen W, as one autograd node.
+
+    The plain composition (`result + lora_B(lora_A(x)) * s`) makes two full (tokens x out) temporaries in forward
+    (B's output and its scaled copy) and, in backward, a scaled copy of the incoming gradient plus a separate
+    (tokens x in) gradient for each branch that autograd then adds. Here the LoRA term is accumulated into the base
+    output by one in-place addmm, the scale is applied to the small (tokens x r) and (out x r) products, and the
+    LoRA input gradient is accumulated into the base input gradient by another addmm. Saved for backward: the LoRA
+    input (which lora_A's gradient needs in either form) and A x (tokens x r).
+
+    `lora_x` is None when the LoRA branch sees x itself (no dropout); `fan_in_fan_out`: W stored as (in, out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out):
+        rows = x.reshape(-1, x.shape[-1])
+        lora_rows = rows if lora_x is None else lora_x.reshape(-1, x.shape[-1])
+        w = weight if fan_in_fan_out else weight.t()  # (in, out)
+        out = torch.mm(rows, w) if bias is None else torch.addmm(bias, rows, w)
+        a = torch.mm(lora_rows, lora_A.t())  # (tokens, r)
+        out.addmm_(a, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(lora_rows, a, weight, lora_A, lora_B)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.separate_lora_x = scaling, fan_in_fan_out, lora_x is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lora_rows, a, weight, lora_A, lora_B = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need_lora_x, _, _, need_A, need_B = ctx.needs_input_grad[:6]
+        grad_x = grad_lora_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = torch.mm(g.t(), a).mul_(ctx.scaling)  # (out, r)
+        g_a = torch.mm(g, lora_B).mul_(ctx.scaling)  # d loss / d (A x): (tokens, r)
+        if need_A:
+            grad_A = torch.mm(g_a.t(), lora_rows)  # (r, in)
+        shape = grad_out.shape[:-1] + (lora_A.shape[1],)
+        if need_x:
+            grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)  # (tokens, in)
+            if not ctx.separate_lora_x:
+                grad_x.addmm_(g_a, lora_A)
+            grad_x = grad_x.view(shape)
+        if ctx.separate_lora_x and need_lora_x:
+            grad_lora_x = torch.mm(g_a, lora_A).view(shape)
+        return grad_x, grad_lora_x, None, None, grad_A, grad_B, None, None

@@ -336,3 +336,112 @@ def test_fp16_base_amp_gradscaler_step(variant):
     changed = [n for n, p in lora.items() if not torch.equal(p, before[n])]
     assert any("lora_B" in n for n in changed)
     assert scaler.get_scale() == 2.0**8  # no inf/nan found: the step was not skipped
+
+
+# --- 8. the fused LoRA node: same outputs and gradients as the plain composition, and as PEFT ---------------
+
+
+def _layer(kind: str, bias: bool, dropout: float, dtype=torch.float32) -> LoraLinear:
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        base = transformers.pytorch_utils.Conv1D(24, 16)  # nx=16 in, nf=24 out; W stored (in, out)
+        if not bias:
+            base.bias = None
+    else:
+        base = torch.nn.Linear(16, 24, bias=bias)
+    base.requires_grad_(False)
+    layer = LoraLinear.from_base(base.to(dtype), r=4, alpha=8.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.5)
+    return layer.train()
+
+
+def _output_and_grads(layer: LoraLinear, x: torch.Tensor, fused: bool, autocast_dtype=None, seed: int = 1):
+    """(output, {name: grad}) with the fused node on or off; the same dropout mask both times (same seed)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    LoraLinear.use_fused = fused
+    try:
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = layer(x)
+        grad_out = torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype)
+        out.backward(grad_out)
+    finally:
+        LoraLinear.use_fused = True
+    grads = {"A": layer.lora_A.weight.grad, "B": layer.lora_B.weight.grad}
+    if x.requires_grad:
+        grads["x"] = x.grad
+    return out, grads
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_fused_node_matches_plain_fp32(kind, bias, dropout, x_needs_grad):
+    layer = _layer(kind, bias, dropout)
+    x = torch.randn(3, 5, 16, requires_grad=x_needs_grad)
+    out, grads = _output_and_grads(layer, x, fused=True)
+    ref_out, ref_grads = _output_and_grads(layer, x, fused=False)
+    assert out.shape == ref_out.shape == (3, 5, 24)
+    assert_close(out, ref_out, 1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert grads[name] is not None and grads[name].dtype == ref_grads[name].dtype, name
+        assert ref_grads[name].abs().max() > 1e-3, name  # a gradient that is really there
+        assert_close(grads[name], ref_grads[name], 1e-5)
+
+
+@pytest.mark.parametrize("base_dtype,autocast_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+def test_fused_node_under_autocast_matches_plain(base_dtype, autocast_dtype):
+    """The T4/bf16 path: half-precision matmuls, fp32 LoRA params receiving fp32 gradients."""
+    layer = _layer("linear", True, 0.0, dtype=base_dtype)
+    x = torch.randn(2, 7, 16, dtype=base_dtype, requires_grad=True)
+    out, grads = _output_and_grads(layer, x, fused=True, autocast_dtype=autocast_dtype)
+    ref_out, ref_grads = _output_and_grads(layer, x, fused=False, autocast_dtype=autocast_dtype)
+    assert out.dtype == ref_out.dtype == autocast_dtype
+    tol = 2e-2 if autocast_dtype == torch.bfloat16 else 2e-3
+    assert_close(out, ref_out, tol * ref_out.abs().max().item())
+    assert grads["A"].dtype == grads["B"].dtype == torch.float32
+    assert grads["x"].dtype == base_dtype
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], tol * ref_grads[name].abs().max().item())
+
+
+def test_fused_node_is_skipped_where_it_does_not_apply():
+    """DoRA, a trainable base weight, and an fp16 base with fp32 LoRA outside autocast take the plain path."""
+    x = torch.randn(2, 16)
+    assert _layer("linear", True, 0.0)._fused_compute_dtype(x) == torch.float32
+    dora = LoraLinear.from_base(torch.nn.Linear(16, 24), r=4, alpha=8.0, use_dora=True)
+    assert dora._fused_compute_dtype(x) is None
+    trainable_base = _layer("linear", True, 0.0)
+    trainable_base.weight.requires_grad_(True)
+    assert trainable_base._fused_compute_dtype(x) is None
+    half = _layer("linear", True, 0.0, dtype=torch.float16)
+    assert half._fused_compute_dtype(x.half()) is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert half._fused_compute_dtype(x.half()) == torch.float16
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_lora_gradients_match_peft(arch, variant):
+    """One training loss through the whole model: our LoRA gradients equal PEFT's, tensor by tensor."""
+    s = settings(target_modules="all-linear", **VARIANTS[variant])
+    theirs = make_peft(arch, s)  # eval mode: the tiny configs' own dropout (gpt2, phi) would differ by chance
+    ours, _ = ours_like_peft(arch, s, theirs)
+    for model in (ours, theirs):
+        model.zero_grad(set_to_none=True)
+        model(IDS, labels=IDS).loss.backward()
+    # PEFT's parameter names carry the adapter name, and its DoRA magnitude is a module's ".weight".
+    their_grads = {k[len(PREFIX):].replace(".default", "").replace("lora_magnitude_vector.weight",
+                                                                   "lora_magnitude_vector"): p.grad
+                   for k, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    assert sorted(our_grads) == sorted(their_grads)
+    scale = max(g.abs().max().item() for g in their_grads.values())
+    assert scale > 1e-4
+    for name, grad in our_grads.items():
+        assert grad is not None, name
+        assert_close(grad, their_grads[name], 1e-5 * max(scale, 1.0))
