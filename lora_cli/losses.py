@@ -99,19 +99,41 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start : start + rows], targets[start : start + rows]
-            logits = F.linear(h, weight, bias)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            del logits
-            picked = log_probs.gather(1, y.unsqueeze(1))
-            total -= picked.sum()
-            if want_grad:
-                # d(-log_softmax[y]) / d logits = softmax - onehot(y), then through the head: (.) @ W
-                probs = log_probs.exp_()
-                probs.scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
-                grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
-            del log_probs
+        # The head's matmuls run in the autocast dtype under autocast (as autocast would run them), else in W's.
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        mm_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        weight = weight.to(mm_dtype)
+        bias = None if bias is None else bias.to(mm_dtype)
+        # One fp32 logits buffer for all chunks, with the softmax computed in it in place: a fresh (rows x vocab)
+        # tensor or two per chunk are 32 MiB allocations that the C allocator maps and page-faults anew each time on
+        # CPU, and that fragment its heap (docs/BENCHMARKS.md, section 6).
+        buffer = torch.empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                h, y = hidden[start : start + rows].to(mm_dtype), targets[start : start + rows].unsqueeze(1)
+                logits = buffer[: h.shape[0]]
+                if mm_dtype != torch.float32:  # a half-precision head: its output upcast, as transformers' loss does
+                    logits.copy_(F.linear(h, weight, bias))
+                elif bias is None:
+                    torch.mm(h, weight.t(), out=logits)
+                else:
+                    torch.addmm(bias, h, weight.t(), out=logits)
+                # log_softmax(z)[y] = (z[y] - max) - log(sum(exp(z - max))), keeping exp(z - max) for the gradient
+                logits.sub_(logits.amax(dim=1, keepdim=True))
+                picked = logits.gather(1, y)
+                logits.exp_()
+                sums = logits.sum(dim=1, keepdim=True)
+                total -= (picked - sums.log()).sum()
+                if want_grad:
+                    # d(-log_softmax[y]) / d logits = softmax - onehot(y), then through the head: (.) @ W
+                    probs = logits.div_(sums)
+                    probs.scatter_add_(1, y, torch.full_like(picked, -1.0))
+                    rows_out = grad_hidden[start : start + rows]
+                    if mm_dtype == torch.float32 and rows_out.dtype == torch.float32:
+                        torch.mm(probs, weight, out=rows_out)
+                    else:
+                        rows_out.copy_(probs.to(mm_dtype) @ weight)
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -109,6 +109,31 @@ def test_bf16_autocast_close_to_plain():
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_autocast_gradients_close_to_plain(dtype):
+    """The GPU paths: fp32 weights under bf16 autocast, and an fp16 base (head included) under fp16 autocast."""
+    model, batch = lora_model("llama"), padded_batch()
+    if dtype == torch.float16:
+        model.half()
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.float()
+    params = trainable(model)
+    with torch.autocast("cpu", dtype=dtype):
+        expected = plain_loss_sum(model, batch)
+    expected_grads = torch.autograd.grad(expected, params)
+    with torch.autocast("cpu", dtype=dtype):
+        got, _ = causal_lm_loss(model, batch, chunk_tokens=8)
+    got_grads = torch.autograd.grad(got, params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=2e-2, atol=0.0)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == e.dtype == torch.float32
+        scale = e.abs().max().item()
+        assert scale > 0
+        assert (g - e).abs().max().item() <= 5e-2 * scale
+
+
 def test_chunk_rows_by_vocabulary():
     assert chunk_rows(32000) == CHUNK_BYTES // (4 * 32000)
     assert chunk_rows(152064) < chunk_rows(32000)
