@@ -66,6 +66,22 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> tuple
     return head_cross_entropy(model.get_output_embeddings(), hidden[keep], labels[keep], chunk_tokens), n_tokens
 
 
+class CausalLMLoss(nn.Module):
+    """`causal_lm_loss` as a module: forward(**batch) -> (loss sum, trained tokens).
+
+    This is what the training loop hands to Accelerate. Under DDP (and FSDP, DeepSpeed) gradients are synchronised
+    by hooks that the wrapper arms in its own forward, so the whole loss, decoder and chunked head, must run through
+    the prepared module's forward; calling the decoder of the unwrapped model would bypass them.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(self.model, batch)
+
+
 def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                        chunk_tokens: int | None = None) -> torch.Tensor:
     """sum over rows of cross_entropy(head(hidden), targets): hidden (n, H), targets (n,), all trained."""

@@ -7,6 +7,7 @@ exact resume needs (optimizer, scheduler, scaler, RNG, data position) lives in A
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from .config import Config, config_to_yaml
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_text
 from .inject import LoraSettings, apply_lora, merge_lora
-from .losses import causal_lm_loss
+from .losses import CausalLMLoss, causal_lm_loss
 from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
 
 console = Console(stderr=True)
@@ -109,11 +110,68 @@ def _collate(examples, plan: list[list[int]], pad_id: int, packing: bool) -> dic
     return data_lib.collate([examples[row[0]] for row in plan], pad_id)
 
 
-def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
+def _total_steps(cfg: Config, batches_per_epoch: int, num_processes: int = 1) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.train.gradient_accumulation_steps * num_processes))
     return max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
+
+
+# --- one optimizer step's forward and backward, on one process or several -------------------------------------
+
+
+def _share_of_window(micro: list[dict], num_processes: int, rank: int) -> list[tuple[dict, float]]:
+    """This process's micro batches of an optimizer step's window, as (batch, weight).
+
+    Micro batch j goes to process j % num_processes, so N processes with micro batch B train exactly what one
+    process does with N times the gradient accumulation. Every process must run as many backward passes as the
+    others (under DDP each one ends in a collective), so where the window does not divide evenly, a process short
+    of one repeats the window's first batch with weight 0: it adds nothing to the gradient.
+    """
+    mine = [(batch, 1.0) for batch in micro[rank::num_processes]]
+    count = math.ceil(len(micro) / num_processes)
+    return mine + [(micro[0], 0.0)] * (count - len(mine))
+
+
+def _check_distributed_type(accelerator) -> None:
+    """DDP (and one process) are what the loop is tested with; FSDP and DeepSpeed shard parameters, which the
+    adapter saving (it reads the LoRA tensors from the model) does not gather yet."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(
+            f"`accelerate launch` is set up for {kind}, which lora-train does not support yet: it would save an "
+            "adapter from sharded parameters. Use plain multi-GPU data parallelism instead (in `accelerate config` "
+            "choose multi-GPU without FSDP or DeepSpeed, or run `accelerate launch --multi_gpu --num_processes N "
+            "-m lora_cli train config.yaml`)."
+        )
+
+
+def _sum_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    total = accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return float(total)
+
+
+def _accumulate_gradients(accelerator, loss_model, mine: list[tuple[dict, float]], n_trained: int) -> float | None:
+    """Forward and backward over this process's share of the window; the window's loss per trained token (over
+    all processes), or None when a loss was non-finite on any process (then no process has finished the window)."""
+    # Normalised by the trained tokens of the whole window, so every token weighs the same whatever micro batch or
+    # process it lands in; times the process count because DDP averages the processes' gradients.
+    scale = accelerator.num_processes / max(n_trained, 1)
+    window_loss = 0.0
+    for i, (batch, weight) in enumerate(mine):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(mine) - 1  # gradients are synchronised once, on the window's last backward
+        with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
+            with accelerator.autocast():
+                loss_sum, _ = loss_model(**batch)
+            finite = bool(torch.isfinite(loss_sum))
+            if _sum_over_processes(accelerator, float(finite)) < accelerator.num_processes:
+                return None
+            accelerator.backward(loss_sum * (scale * weight))
+        window_loss += loss_sum.item() * weight / max(n_trained, 1)
+    return _sum_over_processes(accelerator, window_loss)
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -218,15 +276,26 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
             raise
         console.print(f"[yellow]note: a real run would stop here: {err}")
         out = Path(cfg.train.output_dir)
-    console.print(f"[bold]precision:[/bold] {precision.reason}")
-    set_seed(cfg.train.seed)
+    # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
+    # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu",
+                              step_scheduler_with_optimizer=False)
+    _check_distributed_type(accelerator)
+    main = accelerator.is_main_process
+    quiet = quiet or not main
+    say = console.print if main else _say_nothing
+    world, rank = accelerator.num_processes, accelerator.process_index
+    say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))
+    set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
     tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
-    console.print(report.summary)
-    _print_data_summary(bundle)
+    say(report.summary)
+    if main:
+        _print_data_summary(bundle)
     if dry_run:
-        print_dry_run(cfg, tokenizer, bundle)
+        if main:
+            print_dry_run(cfg, tokenizer, bundle)
         return None
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu")
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -236,20 +305,23 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     if cfg.data.packing:
         rows = sum(len(plan) for plan in first_epoch)
         fill = bundle.stats.train_tokens / max(1, rows * cfg.data.max_length)
-        console.print(f"packing: {len(bundle.train)} examples into {rows} rows of up to {cfg.data.max_length} "
+        say(f"packing: {len(bundle.train)} examples into {rows} rows of up to {cfg.data.max_length} "
                       f"tokens ({fill:.0%} full)")
-    total_steps = _total_steps(cfg, batches_per_epoch)
+    total_steps = _total_steps(cfg, batches_per_epoch, world)
     scheduler = make_scheduler(
         optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * total_steps), total_steps
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object
+    # inside it (for evaluation, packing and saving).
+    loss_model, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, scheduler)
     packing = cfg.data.packing
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     state = TrainState()
     pad_id = tokenizer.pad_token_id
-    accum = cfg.train.gradient_accumulation_steps
+    window = cfg.train.gradient_accumulation_steps * world  # micro batches per optimizer step, all processes
     t = cfg.train
     last_loss, last_eval = None, None
     consecutive_nonfinite = 0
@@ -259,30 +331,19 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
 
     progress = _progress(quiet)
     task = progress.add_task("training", total=total_steps, loss=float("nan"), lr=0.0, tps=0.0)
-    with progress, packing_lib.packed_attention(accelerator.unwrap_model(model), accelerator.device, packing):
+    with progress, packing_lib.packed_attention(model, accelerator.device, packing):
         while state.global_step < total_steps:
             batches = _make_batches(bundle.train, cfg, state.epoch)
-            groups = [batches[i : i + accum] for i in range(state.batch_in_epoch, len(batches), accum)]
+            groups = [batches[i : i + window] for i in range(state.batch_in_epoch, len(batches), window)]
             for group in groups:
+                # Every process collates the whole window (cheap) to count its trained tokens without a collective.
                 micro = [_collate(bundle.train, plan, pad_id, packing) for plan in group]
                 n_trained = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
                 window_real_tokens += sum(len(bundle.train[i]) for plan in group for row in plan for i in row)
-                step_loss = 0.0
-                finite = True
-                for m in micro:
-                    m = {k: v.to(accelerator.device) for k, v in m.items()}
-                    with accelerator.autocast():
-                        loss_sum, _ = causal_lm_loss(model, m)
-                    # Normalise by the trained tokens of the whole accumulation window, so every token weighs
-                    # the same whatever batch it lands in.
-                    loss = loss_sum / max(n_trained, 1)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    accelerator.backward(loss)
-                    step_loss += loss.item()
+                step_loss = _accumulate_gradients(accelerator, loss_model, _share_of_window(micro, world, rank),
+                                                  n_trained)
                 state.batch_in_epoch += len(group)
-                if not finite:
+                if step_loss is None:  # non-finite loss
                     optimizer.zero_grad(set_to_none=True)
                     state.skipped_steps += 1
                     consecutive_nonfinite += 1
@@ -292,11 +353,12 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
                 consecutive_nonfinite = 0
                 grad_norm = None
                 if t.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(loss_model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 if accelerator.optimizer_step_was_skipped:  # fp16 scaler found inf/nan grads
                     state.skipped_steps += 1
-                scheduler.step()
+                else:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 state.tokens_seen += n_trained
@@ -318,14 +380,15 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
                         "elapsed_s": time.perf_counter() - start_time,
                     }
                     _log(progress, record, quiet)
-                    append_metrics(out, record)
+                    if main:
+                        append_metrics(out, record)
                     state.log_history.append(record)
                     window_loss, window_tokens, window_real_tokens = 0.0, 0, 0
                     window_start = time.perf_counter()
                 if bundle.val and t.eval_steps and state.global_step % t.eval_steps == 0:
                     last_eval = _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet)
-                if t.save_steps and state.global_step % t.save_steps == 0 and state.global_step < total_steps:
-                    save_checkpoint(out, accelerator.unwrap_model(model), tokenizer, cfg, report.target_modules, state)
+                if main and t.save_steps and state.global_step % t.save_steps == 0 and state.global_step < total_steps:
+                    save_checkpoint(out, model, tokenizer, cfg, report.target_modules, state)
                 if state.global_step >= total_steps:
                     break
             else:  # the epoch ran out before max_steps
@@ -337,27 +400,31 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
         last_eval = _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet)
     if state.skipped_steps:
-        console.print(f"[yellow]{state.skipped_steps} optimizer steps were skipped (non-finite loss or gradients).")
-    unwrapped = accelerator.unwrap_model(model)
-    save_adapter_folder(out, unwrapped, tokenizer, cfg, report.target_modules, state)
-    console.print(f"[green]adapter saved to {out}")
+        say(f"[yellow]{state.skipped_steps} optimizer steps were skipped (non-finite loss or gradients).")
     result = TrainResult(out, state, last_loss, last_eval["eval_loss"] if last_eval else None)
+    accelerator.wait_for_everyone()
+    if not main:
+        return result
+    save_adapter_folder(out, model, tokenizer, cfg, report.target_modules, state)
+    console.print(f"[green]adapter saved to {out}")
     if t.merge_at_end:
         from .merge import save_merged
 
         # The adapter config travels with the merged model (as lora_adapter_config.json) for provenance.
         adapter_config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
         result.merged_dir = save_merged(
-            merge_lora(unwrapped), tokenizer, out / "merged", overwrite=True, adapter_config=adapter_config
+            merge_lora(model), tokenizer, out / "merged", overwrite=True, adapter_config=adapter_config
         )
         console.print(f"[green]merged model saved to {result.merged_dir}")
     return result
 
 
 def _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet) -> dict:
+    # Every process evaluates the whole validation set (the same result everywhere; only the main one writes it).
     metrics = evaluate(model, bundle.val, pad_id, t.micro_batch_size, accelerator)
     record = {"step": state.global_step, **metrics}
-    append_metrics(out, record)
+    if accelerator.is_main_process:
+        append_metrics(out, record)
     state.log_history.append(record)
     if not quiet:
         progress.console.print(
@@ -381,6 +448,10 @@ def _nonfinite_message(count: int, precision: PrecisionChoice, lr: float) -> str
 
 
 # --- console output ------------------------------------------------------------------------------------------
+
+
+def _say_nothing(*args, **kwargs) -> None:
+    """What the processes other than the main one print."""
 
 
 def _progress(quiet: bool):

@@ -163,12 +163,12 @@ def test_existing_adapter_is_not_overwritten(tmp_path, trainable_model_dir):
 
 
 def test_nonfinite_loss_stops_with_advice(tmp_path, trainable_model_dir, monkeypatch):
-    import lora_cli.train as train_module
+    import lora_cli.losses as losses_module
 
     def nan_loss(model, batch, **kwargs):
         return torch.tensor(float("nan")), 1
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", nan_loss)
+    monkeypatch.setattr(losses_module, "causal_lm_loss", nan_loss)  # what the training step's CausalLMLoss calls
     config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_nonfinite_steps": 3})
     result = runner.invoke(train_app, [str(config)])
     assert result.exit_code == 2

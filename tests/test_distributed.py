@@ -1,0 +1,93 @@
+"""lora-train under torchrun / `accelerate launch`: two CPU processes (gloo) train exactly what one process trains
+with twice the gradient accumulation, and only one of them writes.
+
+`accelerate launch` on GPUs starts its processes through the same torch.distributed launcher; Accelerate then
+wraps the loss module in DDP. On CPU Accelerate picks the gloo backend, so the data split, the loss normalisation
+over processes, the padding of an uneven last window and the single writer are all tested here without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_train import make_config
+
+# Ten examples of different lengths: with micro batch 2 that is 5 micro batches an epoch, so windows of 2 micro
+# batches leave a last window of 1, which the second process must pad with a zero-weight batch.
+ROWS = [{"text": "the lighthouse of quillhaven is painted green " + "and tall " * (i % 4)} for i in range(10)]
+STEPS = 6  # two epochs of three optimizer steps
+
+
+def run_train(config: Path, processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "lora_cli", "train", str(config)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "lora_cli", "train", str(config)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_dir, packing):
+    model_dir = trainable_model_dir("llama")
+    common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2}
+    data = {"packing": packing, "max_length": 24}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = make_config(tmp_path / "one", model_dir, rows=ROWS, data=data,
+                      train={**common, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "one/out")})
+    two = make_config(tmp_path / "two", model_dir, rows=ROWS, data=data,
+                      train={**common, "gradient_accumulation_steps": 1, "output_dir": str(tmp_path / "two/out")})
+
+    single = run_train(one, 1)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    double = run_train(two, 2)
+    assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
+    assert "2 processes" in double.stderr
+
+    out_one, out_two = tmp_path / "one/out", tmp_path / "two/out"
+    # One writer: one metrics line per step (not one per process), one adapter, no temporary folders left behind.
+    records = [r for r in metrics(out_two) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in out_two.iterdir()) == sorted(p.name for p in out_one.iterdir())
+
+    # The same losses and the same adapter as one process with twice the accumulation.
+    expected = [r["loss"] for r in metrics(out_one) if "loss" in r]
+    assert [r["loss"] for r in records] == pytest.approx(expected, rel=1e-5)
+    # The gradient itself, not only its direction (AdamW would hide a uniformly scaled gradient): same norm.
+    expected_norms = [r["grad_norm"] for r in metrics(out_one) if "loss" in r]
+    assert [r["grad_norm"] for r in records] == pytest.approx(expected_norms, rel=1e-4)
+    assert records[-1]["loss"] < records[0]["loss"]  # it did learn
+    a = load_file(str(out_one / "adapter_model.safetensors"))
+    b = load_file(str(out_two / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert any(t.abs().max() > 1e-3 for k, t in a.items() if "lora_B" in k)  # trained, not the zero init
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-5 + 1e-4 * a[key].abs().max().item(), key
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_setups_are_refused_with_the_fix(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lora_cli.errors import UserError
+    from lora_cli.train import _check_distributed_type
+
+    with pytest.raises(UserError, match=f"set up for {kind}.*--multi_gpu"):
+        _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[kind]))
+    for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[fine]))
