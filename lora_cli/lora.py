@@ -152,9 +152,8 @@ class LoraLinear(nn.Module):
         DeepSpeed ZeRO-3 partitions lora_A/lora_B and gathers them only when their own modules are called, which the
         fused path does not do.
         """
-        if not self.use_fused or self.use_dora or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
-            return None
-        if hasattr(self.lora_A.weight, "ds_id"):
+        trainable_base = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if not self.use_fused or self.use_dora or trainable_base or hasattr(self.lora_A.weight, "ds_id"):
             return None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)

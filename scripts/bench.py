@@ -333,9 +333,14 @@ def child_peft(args, batches: list[tuple[int, int, int]]) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     variable = args.workload == "variable"
     bundle = build_datasets(str(args.data), tokenizer, max_length=args.max_length if variable else args.seq_len,
-                            train_on_inputs=True, seed=0)
-    dataset = datasets.Dataset.from_dict({"input_ids": [ex.input_ids for ex in bundle.train]})
-    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+                            train_on_inputs=not args.prompt_masked, seed=0)
+    if args.prompt_masked:  # lora-cli's labels (replies only), padded with -100: the usual SFT setup with Trainer
+        dataset = datasets.Dataset.from_dict({"input_ids": [ex.input_ids for ex in bundle.train],
+                                              "labels": [ex.labels for ex in bundle.train]})
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    else:
+        dataset = datasets.Dataset.from_dict({"input_ids": [ex.input_ids for ex in bundle.train]})
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     def counting_collator(features):
         batch = collator(features)
@@ -513,7 +518,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in every run (default: torch's choice)")
     p.add_argument("--also-unpacked", action="store_true", help="variable workload: also lora-cli without packing")
     p.add_argument("--also-masked", action="store_true",
-                   help="variable workload: also lora-cli with its default prompt masking (loss on replies only)")
+                   help="variable workload: also both tools with lora-cli's default prompt masking (loss on replies "
+                        "only; PEFT+Trainer gets the same labels through DataCollatorForSeq2Seq)")
     p.add_argument("--loss-only", action="store_true", help="only time the output head + loss, several ways")
     p.add_argument("--loss-tokens", type=int, default=2048, help="--loss-only: tokens in the batch")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
@@ -566,6 +572,7 @@ def main() -> None:
             tools.insert(1, ("lora-cli", "unpacked"))
         if workload == "variable" and args.also_masked:
             tools.insert(1, ("lora-cli", "packed, prompt masked"))
+            tools.append(("peft", "prompt masked"))
         runs: dict[str, list] = {}
         for rep in range(args.repeats):
             order = tools if rep % 2 == 0 else tools[::-1]
@@ -608,14 +615,20 @@ def print_table(results: dict, ceiling: float, gflops: float, n_matmul: int, dev
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for workload, tools in results["workloads"].items():
-        base = tools["peft"]["summary"]
         for name, entry in tools.items():
-            if name == "peft":
+            if name.startswith("peft"):
                 continue
-            s = entry["summary"]
-            keys = ["examples_s", "tokens_s", "peak_mb", "peak_above_start_mb"] + (["live_step_peak_mb"] if cpu else [])
-            ratios = [f"{s[k] / base[k]:.2f}x" if base[k] else "-" for k in keys]
-            print("| " + " | ".join([workload, name] + ratios) + " |")
+            # Every lora-cli row against PEFT+Trainer's defaults; a prompt-masked row also against PEFT+Trainer
+            # trained on the same masked labels (the same objective).
+            same_labels = "masked" in name and "peft prompt masked" in tools
+            baselines = ["peft"] + (["peft prompt masked"] if same_labels else [])
+            for baseline in baselines:
+                base, s = tools[baseline]["summary"], entry["summary"]
+                keys = ["examples_s", "tokens_s", "peak_mb", "peak_above_start_mb"]
+                keys += ["live_step_peak_mb"] if cpu else []
+                ratios = [f"{s[k] / base[k]:.2f}x" if base[k] else "-" for k in keys]
+                label = name if baseline == "peft" else f"{name} (vs {baseline})"
+                print("| " + " | ".join([workload, label] + ratios) + " |")
 
 
 if __name__ == "__main__":
