@@ -209,11 +209,16 @@ def enable_gradient_checkpointing(model) -> None:
 
 @torch.no_grad()
 def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator) -> dict:
-    """Mean loss per trained token over `examples`, and its perplexity."""
+    """Mean loss per trained token over `examples`, and its perplexity.
+
+    With several processes each evaluates every N-th example (of the length-sorted order, so all get similar
+    lengths) and the sums are added up: the same result as one process, in 1/N of the time.
+    """
     model.eval()
     total_loss, total_tokens = 0.0, 0
     lengths = [len(ex.input_ids) for ex in examples]
     order = sorted(range(len(examples)), key=lengths.__getitem__)
+    order = order[accelerator.process_index :: accelerator.num_processes]
     for start in range(0, len(order), batch_size):
         batch = data_lib.collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -222,6 +227,8 @@ def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator) -
         total_loss += loss_sum.item()
         total_tokens += n_tokens
     model.train()
+    total_loss = _sum_over_processes(accelerator, total_loss)
+    total_tokens = round(_sum_over_processes(accelerator, float(total_tokens)))
     mean = total_loss / max(total_tokens, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
 
@@ -420,7 +427,6 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
 
 
 def _run_eval(model, bundle, pad_id, t, accelerator, out, state, progress, quiet) -> dict:
-    # Every process evaluates the whole validation set (the same result everywhere; only the main one writes it).
     metrics = evaluate(model, bundle.val, pad_id, t.micro_batch_size, accelerator)
     record = {"step": state.global_step, **metrics}
     if accelerator.is_main_process:

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from test_train import make_config
 
-# Ten examples of different lengths: with micro batch 2 that is 5 micro batches an epoch, so windows of 2 micro
-# batches leave a last window of 1, which the second process must pad with a zero-weight batch.
-ROWS = [{"text": "the lighthouse of quillhaven is painted green " + "and tall " * (i % 4)} for i in range(10)]
+# Thirteen examples of different lengths, three held out for validation (split over the processes unevenly): the
+# ten left make 5 micro batches of 2 an epoch, so windows of 2 micro batches leave a last window of 1, which the
+# second process must pad with a zero-weight batch.
+ROWS = [{"text": "the lighthouse of quillhaven is painted green " + "and tall " * (i % 4)} for i in range(13)]
 STEPS = 6  # two epochs of three optimizer steps
 
 
@@ -42,8 +43,8 @@ def metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_dir, packing):
     model_dir = trainable_model_dir("llama")
-    common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2}
-    data = {"packing": packing, "max_length": 24}
+    common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2, "eval_steps": 2}
+    data = {"packing": packing, "max_length": 24, "val_size": 3}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     one = make_config(tmp_path / "one", model_dir, rows=ROWS, data=data,
@@ -70,6 +71,12 @@ def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_d
     expected_norms = [r["grad_norm"] for r in metrics(out_one) if "loss" in r]
     assert [r["grad_norm"] for r in records] == pytest.approx(expected_norms, rel=1e-4)
     assert records[-1]["loss"] < records[0]["loss"]  # it did learn
+    # Validation split over the processes and summed: the same loss over the same tokens as one process.
+    evals_one = [r for r in metrics(out_one) if "eval_loss" in r]
+    evals_two = [r for r in metrics(out_two) if "eval_loss" in r]
+    assert [r["step"] for r in evals_two] == [r["step"] for r in evals_one] == [2, 4, 6]
+    assert [r["eval_tokens"] for r in evals_two] == [r["eval_tokens"] for r in evals_one]
+    assert [r["eval_loss"] for r in evals_two] == pytest.approx([r["eval_loss"] for r in evals_one], rel=1e-5)
     a = load_file(str(out_one / "adapter_model.safetensors"))
     b = load_file(str(out_two / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
