@@ -1,0 +1,160 @@
+"""Reading a config: YAML file + `key.sub=value` overrides -> validated Config; and writing the resolved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ..errors import UserError
+from .schema import Config, looks_like_number
+from .validation import validate_config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, and validate it."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return validate_config(data, source=str(path))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(
+            f"Config file {path} not found. Check the path (relative paths start from {Path.cwd()}); "
+            f"the examples in configs/ are a good starting point."
+        ) from None
+    except IsADirectoryError:
+        raise UserError(f"Config path {path} is a folder; pass the YAML file, e.g. {path / 'config.yaml'}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {path} is not UTF-8 text; save it as UTF-8 (plain YAML).") from None
+    except OSError as exc:
+        raise UserError(f"Cannot read config file {path}: {exc.strerror}. Check its permissions.") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error_message(path, exc)) from None
+    if data is None:
+        return {}  # empty file: validation then says which sections are required
+    if not isinstance(data, dict):
+        raise UserError(
+            f"Config file {path} must be a mapping of sections (model:, lora:, data:, train:) at the top level, "
+            f"but it is a {type(data).__name__}. See configs/ for examples."
+        )
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys: PyYAML keeps the last one, silently dropping e.g. a first `train:`."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are allowed to repeat keys
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: SafeLoader's own error is clear enough
+            if key in seen:
+                raise _DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+def _yaml_error_message(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start and mark and start.line != mark.line:  # e.g. an unclosed [ found only at the end
+        problem += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
+    if isinstance(exc, _DuplicateKeyError):
+        fix = "Keep one of the two entries (merge their keys if both are sections)."
+    else:
+        fix = "Check the indentation there (spaces, not tabs) and that each key is followed by `: `."
+    return f"Config file {path} is not valid YAML{where}: {problem}. {fix}"
+
+
+# --- overrides ------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`["train.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]"]` -> nested dict of YAML-typed values."""
+    result: dict = {}
+    for item in overrides:
+        keys, raw = _split_override(item)
+        _set_nested(result, keys, _parse_value(item, raw), item)
+    return result
+
+
+def _split_override(item: str) -> tuple[list[str], str]:
+    key, sep, raw = item.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k and not k.isspace() and " " not in k for k in keys):
+        raise UserError(
+            f"Override {item!r} is not key=value. Write a dotted key, '=' and a value with no spaces around '=', "
+            f"e.g. train.learning_rate=1e-4 or lora.target_modules=[q_proj,v_proj]."
+        )
+    return keys, raw
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(
+            f"Override {item!r}: the value {raw!r} is not valid YAML. Fix it, or quote it as a YAML string "
+            f"inside shell quotes, e.g. {item.partition('=')[0]}='\"{raw}\"'."
+        ) from None
+    # Only unquoted text: `model.revision='"1e5"'` stays a string.
+    if isinstance(value, str) and looks_like_number(raw):
+        return float(raw)
+    return value
+
+
+def _set_nested(target: dict, keys: list[str], value: Any, item: str) -> None:
+    node = target
+    for depth, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(
+                f"Override {item!r} sets a key inside {'.'.join(keys[: depth + 1])}, which an earlier override "
+                f"set to a plain value. Drop one of the two overrides."
+            )
+    node[keys[-1]] = value
+
+
+def _deep_merge(base: dict, updates: dict) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, lists inline (`target_modules: [q_proj, v_proj]`), as people write them."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The fully resolved config (every default filled in), in schema order; loading it gives an equal Config."""
+    return yaml.dump(config.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)

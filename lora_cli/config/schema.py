@@ -1,0 +1,185 @@
+"""The config schema for `lora-train CONFIG.yaml`: one pydantic section per part of the run.
+
+Growing it is local: a new key is a new field with a default (old configs keep working), a new section is a
+`_Section` subclass plus a field on `Config`, and a check that spans sections goes in `cross_section_problems`.
+Error wording and did-you-mean suggestions are derived from the schema (validation.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+DataFormat = Literal["auto", "text", "alpaca", "chat"]
+LrScheduler = Literal["cosine", "linear", "constant"]
+LoraInit = Literal["default", "gaussian"]
+Optimizer = Literal["adamw"]  # torch.optim.AdamW; a Literal so more can be added without a type change
+
+ALL_LINEAR = "all-linear"
+
+
+class _Section(BaseModel):
+    # forbid: a misspelt key must be an error, never silently ignored.
+    # coerce_numbers_to_str: YAML reads `revision: 1234567` as an int where a string was meant.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(min_length=1)  # Hub id (org/name) or a local folder
+    revision: str | None = None  # Hub branch, tag or commit; None = the default branch
+    dtype: Dtype = "auto"  # dtype the frozen base weights are loaded in; auto = the half type of train.precision
+    trust_remote_code: bool = False  # run modelling code shipped in the Hub repo (only for repos you trust)
+
+
+class LoraSection(_Section):
+    r: int = Field(8, gt=0)  # rank of the update matrices
+    alpha: float = Field(16.0, gt=0)  # scale is alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA input
+    # list of module-name suffixes, a regex (full match on the module path), or "all-linear";
+    # None = the architecture's attention projections
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False  # rank-stabilised scaling
+    use_dora: bool = False  # weight-decomposed LoRA
+    init: LoraInit = "default"  # default: B = 0 and A Kaiming-uniform (PEFT's default); gaussian: A ~ N(0, 1/r)
+    layers_to_transform: list[int] | None = Field(None, min_length=1)  # decoder layer indices; None = all
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _check_target_modules(cls, value: Any) -> Any:
+        # Checked by hand rather than by the union type, so a mistake gives one clear line, not one per member.
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return _check_module_pattern(value)
+        if isinstance(value, list) and value and all(isinstance(name, str) and name for name in value):
+            return value
+        raise PydanticCustomError(
+            "target_modules", "must be a list of module names such as [q_proj, v_proj], a regex, or all-linear"
+        )
+
+    @field_validator("layers_to_transform", mode="before")
+    @classmethod
+    def _one_layer_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_not_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value and min(value) < 0:
+            raise PydanticCustomError("layer_index", "layer indices must be 0 or more")
+        return value
+
+
+def _check_module_pattern(pattern: str) -> str:
+    if not pattern.strip():
+        raise PydanticCustomError("target_modules", "must not be empty; remove the key to use the default")
+    # "q_proj,v_proj" is a valid regex that matches nothing: almost always a list written as one string.
+    if re.fullmatch(r"\w+(\s*,\s*\w+)+", pattern):
+        raise PydanticCustomError("target_modules", "looks like a comma-separated list; write it as [q_proj, v_proj]")
+    if pattern != ALL_LINEAR:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise PydanticCustomError("target_modules", f"is not a valid regex ({exc}); use a list of names instead")
+    return pattern
+
+
+class DataSection(_Section):
+    path: str = Field(min_length=1)  # a local .jsonl/.json/.txt file or folder, or a Hub dataset id
+    split: str = Field("train", min_length=1)  # split to read when path is a Hub dataset
+    format: DataFormat = "auto"  # auto = guess from the fields of the first record
+    max_length: int = Field(1024, ge=8)  # tokens per example; longer ones are truncated
+    train_on_inputs: bool = False  # False = loss on the response only (prompt tokens masked)
+    val_size: int | float = 0  # fraction in [0, 1) or a count >= 1 of examples held out of path; 0 = none
+    val_path: str | None = None  # a separate validation file, instead of val_size
+    packing: bool = False  # concatenate examples into max_length blocks
+
+    @field_validator("val_size", mode="before")
+    @classmethod
+    def _check_val_size(cls, value: Any) -> Any:
+        if isinstance(value, str) and looks_like_number(value):
+            value = float(value)  # YAML 1.1 reads `1e-1` as a string
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number and (0 <= value < 1 or (isinstance(value, int) and value >= 1)):
+            return value
+        raise PydanticCustomError(
+            "val_size", "must be a fraction in [0, 1) such as 0.05, or a whole number of examples such as 200"
+        )
+
+    @field_validator("val_path")
+    @classmethod
+    def _not_both_val_sources(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("val_size", 0) > 0:
+            raise PydanticCustomError(
+                "val_source", "set only one of data.val_size (held out of data.path) or data.val_path, not both"
+            )
+        return value
+
+
+class TrainSection(_Section):
+    output_dir: str = Field("outputs/lora", min_length=1)  # adapter, checkpoints and lora_config.yaml go here
+    overwrite_output_dir: bool = False  # False = refuse to write into a non-empty output_dir
+    epochs: float = Field(1.0, gt=0)  # passes over the data (fractions allowed); ignored when max_steps is set
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = Field(4, gt=0)  # examples per forward pass
+    gradient_accumulation_steps: int = Field(1, gt=0)  # effective batch = micro_batch_size * this
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: LrScheduler = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # fraction of steps spent warming up linearly
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # gradient clipping; None = no clipping
+    optimizer: Optimizer = "adamw"
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    precision: Precision = "auto"  # autocast precision; auto = bf16 where supported, else fp16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    seed: int = Field(42, ge=0)
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0)  # None = evaluate at the end of each epoch only
+    save_steps: int | None = Field(None, gt=0)  # None = no intermediate checkpoints
+    save_total_limit: int | None = Field(None, gt=0)  # keep only the newest N checkpoints; None = keep all
+    merge_at_end: bool = False  # also save the base model with the adapter merged in
+    max_nonfinite_steps: int = Field(10, gt=0)  # consecutive NaN/inf losses tolerated before stopping
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, data: Any) -> Any:
+        # `lora:` with every key commented out is YAML null; the user meant "all defaults".
+        if isinstance(data, dict):
+            return {key: {} if value is None and key in cls.model_fields else value for key, value in data.items()}
+        return data
+
+
+def cross_section_problems(config: Config) -> list[str]:
+    """Checks that need more than one section (run once every field is valid on its own)."""
+    problems = []
+    has_validation_data = config.data.val_size > 0 or config.data.val_path is not None
+    if config.train.eval_steps is not None and not has_validation_data:
+        problems.append(
+            f"train.eval_steps: is set but there is no validation data; set data.val_size (e.g. 0.05) or "
+            f"data.val_path, or remove train.eval_steps (got {config.train.eval_steps})"
+        )
+    return problems
+
+
+# What a person means as a number but PyYAML (YAML 1.1) reads as a string: `1e-4`, `1.0e5` (no dot, no sign).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def looks_like_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text.strip()) is not None

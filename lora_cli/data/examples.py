@@ -1,0 +1,51 @@
+"""The data types every stage of the data pipeline shares: one tokenized example, the data summary, the bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_cli.errors import UserError
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy ignores
+
+
+@dataclass
+class Example:
+    """One tokenized training example, unpadded."""
+
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX (-100) where the token is not trained
+    row_index: int = -1  # 0-based index of the source row in its file, for messages and --dry-run
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
+
+
+@dataclass
+class DataStats:
+    format: str  # the resolved format: text, alpaca or chat
+    num_train: int
+    num_val: int
+    train_tokens: int  # total tokens in the train examples
+    trained_tokens: int  # train tokens whose label is not -100
+    num_truncated: int  # examples (train + val) cut to max_length
+    num_dropped: int  # rows (train + val) dropped because no token was left to train, e.g. a too long prompt
+    val_tokens: int = 0
+    max_example_length: int = 0  # the longest train example, in tokens
+    num_rows: int = 0  # rows loaded (train + val) before dropping
+    max_length: int = 0
+
+
+@dataclass
+class DataBundle:
+    train: list[Example]
+    val: list[Example]
+    stats: DataStats
+
+
+class RowError(UserError):
+    """A problem with one row's content. build_datasets adds the file and row number to the message."""
