@@ -22,6 +22,7 @@ err_console = Console(stderr=True)
 EXIT_USER_ERROR = 2
 
 DEBUG_HELP = "Show the full traceback on errors."
+TRUST_REMOTE_CODE_HELP = "Run modelling code shipped with the model (only for repositories you trust)."
 
 
 def _quiet_libraries() -> None:
@@ -98,6 +99,10 @@ def merge_command(
         True, "--verify/--no-verify", help="Check the merged model's logits against base + adapter before writing."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Hub branch, tag or commit of the base. Default: the adapter's revision."
+    ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Merge a LoRA adapter into its base model and write a plain transformers model folder."""
@@ -106,7 +111,8 @@ def merge_command(
     console = Console(highlight=False, soft_wrap=True)
     result = merge_adapter(
         adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
-        overwrite=overwrite, log=lambda message: console.print(message, markup=False),
+        overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
+        log=lambda message: console.print(message, markup=False),
     )
     console.print(f"[green]merged model saved to {result.output_dir}")
 
@@ -132,6 +138,8 @@ def generate_command(
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Send the raw text, no chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message put before the conversation."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write results as JSONL to this file."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit of MODEL."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Generate text with a model, optionally with a LoRA adapter."""
@@ -150,7 +158,8 @@ def generate_command(
     prompts = gen.read_prompt_file(prompt_file) if prompt_file is not None else None
     gen.check_output_file(output)
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    lm, tokenizer = gen.load_for_generation(model, adapter, merge, log=status)
+    lm, tokenizer = gen.load_for_generation(model, adapter, merge, revision=revision,
+                                            trust_remote_code=trust_remote_code, log=status)
     with open(output, "w", encoding="utf-8") if output is not None else contextlib.nullcontext() as out_file:
         record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
         if chat:

@@ -16,10 +16,9 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
-from .adapter import load_adapter, read_adapter_config
 from .errors import UserError
-from .inject import merge_lora
-from .models import base_dtype, choose_precision, load_base_model, load_tokenizer, model_device
+from .loading import ModelSource, load_model
+from .models import base_dtype, choose_precision, model_device
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -64,27 +63,18 @@ def load_for_generation(
     *,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
 ):
     """(model, tokenizer) ready to generate: on CUDA if available (bf16 on compute capability >= 8, fp16 below),
     else CPU fp32. With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
-    log = log or (lambda message: None)
-    if merge and adapter is None:
-        raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
-    if adapter is not None:
-        read_adapter_config(adapter)  # a missing or broken adapter fails before the (slow) model load
     device = device or model_device()
     if dtype is None:
         dtype = base_dtype("auto", choose_precision("auto")) if device.startswith("cuda") else torch.float32
-    tokenizer = load_tokenizer(model)
-    log(f"loading {model} on {device} ({str(dtype).split('.')[1]})")
-    lm = load_base_model(model, dtype, device=device)
-    if adapter is not None:
-        _, report = load_adapter(lm, adapter)
-        log(f"adapter {adapter}: {len(report.wrapped)} LoRA modules" + (", merged in memory" if merge else ""))
-        if merge:
-            merge_lora(lm)
-    return lm.eval(), tokenizer
+    loaded = load_model(ModelSource(model, revision, trust_remote_code), dtype=dtype, device=device,
+                        adapter_dir=adapter, merge=merge, log=log)
+    return loaded.model.eval(), loaded.tokenizer
 
 
 # --- prompts -------------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapter import CONFIG_NAME, load_adapter, read_adapter_config
+from .adapter import read_adapter_config
 from .errors import UserError
 from .fsutil import atomic_dir
 from .inject import lora_layers, merge_lora, set_lora_enabled
-from .models import load_base_model, load_tokenizer, parse_dtype, stored_dtype
+from .loading import base_source_of_adapter, load_model
+from .models import parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
 # holding adapter_config.json makes transformers (and vLLM, TGI) treat the folder as a PEFT adapter and try to
@@ -259,6 +260,8 @@ def merge_adapter(
     max_shard_size: str | int = "2GB",
     verify: bool = True,
     overwrite: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Load base (fp32, CPU) + adapter, verify, merge in place, cast once, write `output_dir`."""
@@ -267,27 +270,17 @@ def merge_adapter(
     target_dtype = parse_dtype(dtype)
     parse_size(max_shard_size)
     config = read_adapter_config(adapter_dir)
-    revision = None
-    if base is None:
-        base = config.base_model_name_or_path
-        revision = config.revision
-        if not base:
-            raise UserError(
-                f"{adapter_dir / CONFIG_NAME} does not name its base model (base_model_name_or_path is empty); "
-                "pass the base with --base MODEL."
-            )
-    elif config.base_model_name_or_path and config.base_model_name_or_path != base:
+    if base is not None and config.base_model_name_or_path and config.base_model_name_or_path != base:
         log(f"note: the adapter names {config.base_model_name_or_path} as its base; merging into {base} as asked")
+    source = base_source_of_adapter(adapter_dir, base, revision, trust_remote_code)
+    base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     check_output_dir(output_dir, overwrite, protected)
 
-    log(f"loading base model {base} (float32, CPU)")
-    tokenizer = load_tokenizer(base, revision)
-    model = load_base_model(base, torch.float32, revision)
+    loaded = load_model(source, dtype=torch.float32, adapter_dir=adapter_dir, log=log)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if target_dtype is None:
-        target_dtype = stored_dtype(base, revision) or torch.float32
-    _, report = load_adapter(model, adapter_dir)
-    log(f"adapter {adapter_dir}: {len(report.wrapped)} LoRA modules")
+        target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
     result = MergeResult(output_dir, base, target_dtype)
 
     reference = None

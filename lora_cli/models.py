@@ -31,12 +31,12 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def stored_dtype(name_or_path: str, revision: str | None = None) -> torch.dtype | None:
+def stored_dtype(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> torch.dtype | None:
     """The dtype the model's config.json says its weights are stored in (`dtype`, formerly `torch_dtype`)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError):
         return None
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):

@@ -1,0 +1,70 @@
+"""The one composed loader: lora-merge and lora-generate pass revision and trust_remote_code to every part of the
+load (tokenizer, config lookup, weights), and take the base's revision from the adapter when none is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import lora_cli.loading as loading
+import lora_cli.models as models
+from lora_cli.adapter import save_adapter
+from lora_cli.cli import generate_app, merge_app
+from lora_cli.inject import LoraSettings, apply_lora
+from lora_cli.models import load_base_model
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Record the (revision, trust_remote_code) every loader is called with, still loading for real."""
+    calls = {"tokenizer": [], "model": [], "config": []}
+    real_tokenizer, real_model, real_stored = loading.load_tokenizer, loading.load_base_model, models.stored_dtype
+
+    def tokenizer(name, revision=None, trust_remote_code=False):
+        calls["tokenizer"].append((revision, trust_remote_code))
+        return real_tokenizer(name)
+
+    def model(name, dtype, revision=None, trust_remote_code=False, device=None):
+        calls["model"].append((revision, trust_remote_code))
+        return real_model(name, dtype, device=device)
+
+    def stored(name, revision=None, trust_remote_code=False):
+        calls["config"].append((revision, trust_remote_code))
+        return real_stored(name)
+
+    monkeypatch.setattr(loading, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(loading, "load_base_model", model)
+    monkeypatch.setattr("lora_cli.merge.stored_dtype", stored)
+    return calls
+
+
+@pytest.fixture
+def adapter_dir(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama")
+    model = load_base_model(str(base))
+    settings = LoraSettings(r=2, alpha=4.0)
+    report = apply_lora(model, settings)
+    return save_adapter(model, tmp_path / "adapter", settings, report.target_modules, str(base), revision="v1.0")
+
+
+def test_generate_passes_revision_and_remote_code_everywhere(tiny_model_dir, recorded):
+    args = [str(tiny_model_dir("llama")), "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "2",
+            "--revision", "abc123", "--trust-remote-code"]
+    result = CliRunner().invoke(generate_app, args)
+    assert result.exit_code == 0, result.output
+    assert recorded["tokenizer"] == recorded["model"] == [("abc123", True)]
+
+
+def test_merge_takes_the_adapters_revision_unless_given(adapter_dir, tmp_path, recorded):
+    result = CliRunner().invoke(merge_app, [str(adapter_dir), str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert recorded["tokenizer"] == recorded["model"] == recorded["config"] == [("v1.0", False)]
+    for calls in recorded.values():
+        calls.clear()
+    result = CliRunner().invoke(merge_app, [str(adapter_dir), str(tmp_path / "merged2"), "--revision", "main",
+                                            "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert recorded["tokenizer"] == recorded["model"] == recorded["config"] == [("main", True)]
+    assert json.loads((tmp_path / "merged2" / "lora_adapter_config.json").read_text())["revision"] == "v1.0"
