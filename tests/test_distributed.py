@@ -92,7 +92,7 @@ def test_sharded_setups_are_refused_with_the_fix(kind):
     from accelerate.utils import DistributedType
 
     from lora_cli.errors import UserError
-    from lora_cli.train import _check_distributed_type
+    from lora_cli.training.step import check_distributed_type as _check_distributed_type
 
     with pytest.raises(UserError, match=f"set up for {kind}.*--multi_gpu"):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[kind]))

@@ -1,0 +1,37 @@
+"""The batch plan: which examples form each micro batch of an epoch, and how many optimizer steps the run takes.
+
+The plan is a pure function of (data, config, epoch), so any process, and a resumed run, computes the same one.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import data as data_lib  # called through the package: scripts/bench.py observes data_lib.collate*
+from ..config import Config
+
+
+def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
+    """The epoch's micro batches: each a list of rows, each row the indices of the examples it holds.
+
+    Without packing every row holds one example and batches group similar lengths; with data.packing, rows are
+    filled with several examples up to data.max_length tokens and a micro batch is micro_batch_size such rows.
+    """
+    lengths = [len(ex.input_ids) for ex in examples]
+    t = cfg.train
+    if cfg.data.packing:
+        return data_lib.packed_batches(lengths, cfg.data.max_length, t.micro_batch_size, seed=t.seed, epoch=epoch)
+    return [[[i] for i in b] for b in data_lib.length_grouped_batches(lengths, t.micro_batch_size, t.seed, epoch)]
+
+
+def collate(examples, plan: list[list[int]], pad_id: int, packing: bool) -> dict:
+    if packing:
+        return data_lib.collate_packed([[examples[i] for i in row] for row in plan], pad_id)
+    return data_lib.collate([examples[row[0]] for row in plan], pad_id)
+
+
+def total_steps(cfg: Config, batches_per_epoch: int, num_processes: int = 1) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.train.gradient_accumulation_steps * num_processes))
+    return max(1, math.ceil(steps_per_epoch * cfg.train.epochs))

@@ -1,0 +1,64 @@
+"""One optimizer step's forward and backward, on one process or several (DDP under `accelerate launch`/torchrun)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..errors import UserError
+
+
+def share_of_window(micro: list[dict], num_processes: int, rank: int) -> list[tuple[dict, float]]:
+    """This process's micro batches of an optimizer step's window, as (batch, weight).
+
+    Micro batch j goes to process j % num_processes, so N processes with micro batch B train exactly what one
+    process does with N times the gradient accumulation. Every process must run as many backward passes as the
+    others (under DDP each one ends in a collective), so where the window does not divide evenly, a process short
+    of one repeats the window's first batch with weight 0: it adds nothing to the gradient.
+    """
+    mine = [(batch, 1.0) for batch in micro[rank::num_processes]]
+    count = math.ceil(len(micro) / num_processes)
+    return mine + [(micro[0], 0.0)] * (count - len(mine))
+
+
+def check_distributed_type(accelerator) -> None:
+    """DDP (and one process) are what the loop is tested with; FSDP and DeepSpeed shard parameters, which the
+    adapter saving (it reads the LoRA tensors from the model) does not gather yet."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(
+            f"`accelerate launch` is set up for {kind}, which lora-train does not support yet: it would save an "
+            "adapter from sharded parameters. Use plain multi-GPU data parallelism instead (in `accelerate config` "
+            "choose multi-GPU without FSDP or DeepSpeed, or run `accelerate launch --multi_gpu --num_processes N "
+            "-m lora_cli train config.yaml`)."
+        )
+
+
+def sum_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    total = accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return float(total)
+
+
+def accumulate_gradients(accelerator, loss_model, mine: list[tuple[dict, float]], n_trained: int) -> float | None:
+    """Forward and backward over this process's share of the window; the window's loss per trained token (over
+    all processes), or None when a loss was non-finite on any process (then no process has finished the window)."""
+    # Normalised by the trained tokens of the whole window, so every token weighs the same whatever micro batch or
+    # process it lands in; times the process count because DDP averages the processes' gradients.
+    scale = accelerator.num_processes / max(n_trained, 1)
+    window_loss = 0.0
+    for i, (batch, weight) in enumerate(mine):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(mine) - 1  # gradients are synchronised once, on the window's last backward
+        with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
+            with accelerator.autocast():
+                loss_sum, _ = loss_model(**batch)
+            finite = bool(torch.isfinite(loss_sum))
+            if sum_over_processes(accelerator, float(finite)) < accelerator.num_processes:
+                return None
+            accelerator.backward(loss_sum * (scale * weight))
+        window_loss += loss_sum.item() * weight / max(n_trained, 1)
+    return sum_over_processes(accelerator, window_loss)
