@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -72,10 +73,25 @@ def train_command(
 ) -> None:
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     from .config import load_config
+    from .errors import TrainingStopped
     from .train import train
 
     cfg = load_config(config, overrides or [])
-    train(cfg, dry_run=dry_run)
+    try:
+        train(cfg, dry_run=dry_run)
+    except TrainingStopped as stopped:
+        err_console.print(
+            f"stopped at step {stopped.step}; saved in {stopped.checkpoint}. To continue, run:\n  "
+            f"{_resume_command(config, overrides or [])}", markup=False, highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(128 + stopped.signum) from None
+
+
+def _resume_command(config: Path, overrides: List[str]) -> str:
+    """The command that continues this run: the same config and overrides, plus resume_from_checkpoint=auto."""
+    kept = [o for o in overrides if not o.startswith("train.resume_from_checkpoint=")]
+    program = ["lora-train"] if Path(sys.argv[0]).name == "lora-train" else [sys.executable, "-m", "lora_cli", "train"]
+    return shlex.join([*program, str(config), *kept, "train.resume_from_checkpoint=auto"])
 
 
 # --- lora-merge ----------------------------------------------------------------------------------------------

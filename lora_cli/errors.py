@@ -7,3 +7,14 @@ class UserError(Exception):
     The message is one paragraph that names the key, file or tensor at fault and says how to fix it.
     The CLI prints it without a traceback and exits with code 2.
     """
+
+
+class TrainingStopped(Exception):
+    """A run stopped by SIGINT/SIGTERM after writing a checkpoint it can resume from.
+
+    The CLI prints how to resume and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -1,8 +1,18 @@
-"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+"""Atomic writes: a file or folder appears complete under its final name, or not at all.
+
+Files and folders are first written under a temporary name beside their destination (same filesystem, so the
+final rename is atomic), synced to disk, and given the modes a plain open()/mkdir() would give (tempfile's are
+private, 0600/0700, which a serving process under another account cannot read). A folder that replaces an older
+one is swapped in with one renameat2(RENAME_EXCHANGE) where the filesystem has it, so readers see the old folder
+or the new one and never a moment without either; elsewhere two renames, with `recover_dir` finishing the job
+after a crash between them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -11,17 +21,41 @@ from typing import Iterator
 
 from .errors import UserError
 
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def temp_name(path: Path) -> str:
+    """The prefix of temporary names for `path` (hidden, so listings and globs of final names skip them)."""
+    return f".{path.name}."
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path` (replacing any old file)."""
     path = Path(path)
     _ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode())
+        _fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -34,7 +68,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`.
+    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole.
 
     An existing non-empty `path` is refused unless `overwrite`; an interrupted write leaves `path` untouched.
     """
@@ -44,19 +78,147 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwri
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"Output folder {path} already exists and is not empty; pass {flag} to replace it.")
     _ensure_writable_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        sync_tree(tmp)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_temp_dir(path: Path, tag: str = "") -> Path:
+    """An empty folder beside `path` with a hidden temporary name (and the mode a plain mkdir gives)."""
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(path) + tag, suffix=TMP_SUFFIX, dir=path.parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+# --- swapping folders ------------------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # the filesystem (or an old kernel) cannot exchange: fall back to two renames
+    raise OSError(code, os.strerror(code), str(a))
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the complete folder `new` at `path`, replacing any folder there; the old one is deleted."""
+    if not path.exists():
+        os.replace(new, path)
+        _fsync_dir(path.parent)
+        return
+    if exchange(new, path):  # `new` now holds the old folder
+        _fsync_dir(path.parent)
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)  # a crash just before this line leaves `old` and `new`: recover_dir puts `new` back
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: Path, ready: Path) -> None:
+    """After a crash between replace_dir's two renames: `path` is gone, `ready` is the complete new folder."""
+    if not path.exists() and ready.is_dir():
+        os.replace(ready, path)
+    shutil.rmtree(path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX), ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Recreate `src` at `dst` with hard links to its files (no data copied); copy where links are refused."""
+    if src.is_dir() and not src.is_symlink():
+        dst.mkdir(mode=dir_mode())
+        for child in src.iterdir():
+            link_tree(child, dst / child.name)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # another filesystem, or one without hard links (e.g. some FUSE mounts): copy instead
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+# --- durability ------------------------------------------------------------------------------------------------
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, so a rename that publishes it never exposes empty files."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_dir(Path(root))
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem can fsync a folder
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- checks and messages ---------------------------------------------------------------------------------------
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: Path) -> int | None:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(candidate).free
+            return None
+    return None
+
+
+def megabytes(n: int | float) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
+def disk_full_message(what: str, folder: Path, needed: int | None) -> str:
+    free = free_bytes(folder)
+    need = f" It needs about {megabytes(needed)} free" if needed else " Free some space"
+    have = f"; {megabytes(free)} are free there now" if free is not None else ""
+    return f"Writing {what} to {folder} failed: the disk is full.{need}{have}. Free space or choose another folder."
+
+
+def check_can_create(folder: Path, what: str) -> None:
+    """Refuse early (before any slow work) a folder that cannot be created or written."""
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} '{folder}': {ancestor} is a file, not a folder. Choose another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{folder}' is not writable ({ancestor} is read-only for you). Choose a writable path.")
 
 
 def _ensure_writable_dir(folder: Path) -> None:

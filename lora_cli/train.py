@@ -1,28 +1,34 @@
 """lora-train: config -> model + LoRA -> data -> Accelerate loop -> adapter folder, as setup -> fit -> finish.
 
-`setup` loads everything and builds the `Run` the loop works with, `training.loop.fit` trains, `finish` evaluates
-and saves. The pieces live in lora_cli/training/, one job per module.
+`setup` decides where the run starts (fresh, or from a checkpoint), loads everything and builds the `Run` the loop
+works with; `training.loop.fit` trains; `finish` evaluates and publishes the result into output_dir as one atomic
+swap. The pieces live in lora_cli/training/, one job per module.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import uuid
+from datetime import datetime
 from pathlib import Path
 
 from . import data as data_lib
-from .adapter import CONFIG_NAME, WEIGHTS_NAME
 from .config import Config
-from .errors import UserError
-from .inject import apply_lora, merge_lora
+from .errors import TrainingStopped, UserError
+from .fsutil import atomic_write_text
+from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
 from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
-from .training.checkpoint import lora_settings, save_adapter_folder
+from .training import outdir
+from .training.checkpoint import load_rng_state, load_training_state, lora_settings, save_adapter_folder, set_rng_state
 from .training.console import console, print_data_summary, print_dry_run, say_nothing
-from .training.loop import fit, run_eval
-from .training.metrics import MetricsSink
+from .training.loop import evaluate_and_track, fit, restore_best
+from .training.metrics import METRICS_NAME, MetricsSink, to_jsonl
 from .training.optim import make_optimizer, make_scheduler
 from .training.plan import make_batches, total_steps
-from .training.state import Run, TrainResult
+from .training.resume import StartPlan, check_resumable_run, data_fingerprint, plan_start
+from .training.signals import StopRequests
+from .training.state import Run, TrainResult, TrainState
 from .training.step import check_distributed_type
 
 
@@ -46,19 +52,6 @@ def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     return tokenizer, model, report, bundle
 
 
-def check_output_dir(cfg: Config) -> Path:
-    """Refuse to train over a finished adapter unless asked: losing a trained adapter is worse than an error."""
-    out = Path(cfg.train.output_dir)
-    if (out / WEIGHTS_NAME).exists() and not cfg.train.overwrite_output_dir:
-        raise UserError(
-            f"train.output_dir '{out}' already holds a trained adapter. Choose another train.output_dir, or set "
-            "train.overwrite_output_dir=true to replace it."
-        )
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir '{out}' exists and is not a folder; choose another train.output_dir.")
-    return out
-
-
 def enable_gradient_checkpointing(model) -> None:
     # Non-reentrant: reentrant checkpointing gives no LoRA grads with a frozen embedding and is >2x slower.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -67,26 +60,30 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResult | None:
-    run = setup(cfg, dry_run, quiet)
-    if run is None:
-        return None
-    last_loss, last_eval = fit(run)
-    return finish(run, last_loss, last_eval)
+    """Train and publish the adapter. None for a dry run, or when output_dir already holds this finished run.
+
+    Raises TrainingStopped after Ctrl-C / SIGTERM: the checkpoint it wrote resumes with resume_from_checkpoint=auto.
+    """
+    with contextlib.ExitStack() as cleanup:  # releases the output_dir lock however the run ends
+        run = setup(cfg, dry_run, quiet, cleanup)
+        if run is None:
+            return None
+        with StopRequests(run.say, several_processes=run.accelerator.num_processes > 1) as stop:
+            last_loss, last_eval = fit(run, stop)
+            result = finish(run, last_loss, last_eval)
+    if stop.signum is not None:  # the signal came during the final save, which completed
+        raise TrainingStopped(stop.signum, run.state.global_step, run.out)
+    return result
 
 
-def setup(cfg: Config, dry_run: bool, quiet: bool) -> Run | None:
-    """Everything before the first step: output folder check, precision, Accelerate, model, LoRA, data, optimizer."""
+def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack) -> Run | None:
+    """Everything before the first step: where to start, precision, Accelerate, model, LoRA, data, optimizer, and
+    for a resumed run every state the checkpoint holds."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     precision = choose_precision(cfg.train.precision)
-    try:
-        out = check_output_dir(cfg)
-    except UserError as err:
-        if not dry_run:  # checked before loading anything, so a doomed run fails in seconds
-            raise
-        console.print(f"[yellow]note: a real run would stop here: {err}")
-        out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output_dir)
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
@@ -95,12 +92,16 @@ def setup(cfg: Config, dry_run: bool, quiet: bool) -> Run | None:
     check_distributed_type(accelerator)
     main = accelerator.is_main_process
     quiet = quiet or not main
-    say = console.print if main else say_nothing
+    say = _printer(main)
+    plan, lock = _plan(cfg, out, dry_run, main, say, accelerator, cleanup)
+    if plan.finished:
+        say(plan.finished)
+        return None
     world = accelerator.num_processes
     say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
     tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
-    say(report.summary)
+    say(report.summary, markup=False)
     if main:
         print_data_summary(bundle)
     if dry_run:
@@ -122,34 +123,103 @@ def setup(cfg: Config, dry_run: bool, quiet: bool) -> Run | None:
     # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object
     # inside it (for evaluation, packing and saving).
     loss_model, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, scheduler)
-    sink = MetricsSink(out, writes=main, show=say_nothing)
-    sink.start()
-    return Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
-               report.target_modules, out, steps, sink, quiet)
+    run = Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
+              report.target_modules, out, steps, MetricsSink(out, "", main, say_nothing), quiet, say=say)
+    run.state = _initial_state(run, plan, data_fingerprint(bundle.train))
+    if main and lock is None:
+        cleanup.callback((lock := outdir.lock(out)).close)
+    run.sink = MetricsSink(out, run.state.run_name, writes=main, show=say_nothing)
+    run.sink.start(run.state.log_history)
+    if plan.checkpoint is not None:  # last, so nothing above draws from the restored generators
+        set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
+    return run
+
+
+def _printer(main: bool):
+    if not main:
+        return say_nothing
+    return lambda message, markup=True: console.print(message, markup=markup, highlight=False)
+
+
+def _plan(cfg: Config, out: Path, dry_run: bool, main: bool, say, accelerator,
+          cleanup: contextlib.ExitStack) -> tuple[StartPlan, object]:
+    """Check output_dir (before anything slow loads), clean up after killed runs, and decide where to start."""
+    if dry_run:  # a dry run writes nothing and refuses nothing: it says what a real run would do
+        try:
+            outdir.check_location(out, cfg.model.name_or_path, cfg.data.path)
+            return plan_start(cfg, log=lambda m: say(f"note: {m}", markup=False)), None
+        except UserError as err:
+            say(f"[yellow]note: a real run would stop here:[/yellow] {_escape(err)}")
+            return StartPlan(), None
+    outdir.check_location(out, cfg.model.name_or_path, cfg.data.path)
+    lock = None
+    if main:
+        outdir.recover(out, log=lambda m: say(m, markup=False))
+        if out.is_dir():
+            cleanup.callback((lock := outdir.lock(out)).close)
+    accelerator.wait_for_everyone()
+    return plan_start(cfg, log=lambda m: say(m, markup=False)), lock
+
+
+def _escape(err: Exception) -> str:
+    from rich.markup import escape
+
+    return escape(str(err))
+
+
+def _initial_state(run: Run, plan: StartPlan, fingerprint: str) -> TrainState:
+    """A fresh state, or the checkpoint's with its tensors (weights, optimizer, schedule, scaler) restored."""
+    world = run.accelerator.num_processes
+    if plan.checkpoint is None:
+        started = datetime.now().astimezone()
+        return TrainState(total_steps=run.total_steps, num_processes=world, run_id=uuid.uuid4().hex,
+                          run_started=started.isoformat(timespec="seconds"),
+                          run_name=started.strftime("run-%Y%m%d-%H%M%S"), data_fingerprint=fingerprint)
+    check_resumable_run(plan.checkpoint, run.total_steps, world, fingerprint)
+    state, best = load_training_state(plan.checkpoint.path, run)
+    state.total_steps = run.total_steps
+    run.best_weights = best if run.cfg.train.load_best_at_end else None
+    return state
 
 
 def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainResult:
-    """The final evaluation (unless the last step had one), then the adapter folder and the merged model."""
-    state, bundle = run.state, run.bundle
+    """The final evaluation (unless the last step had one), the best weights if asked, then the result."""
+    state, bundle, t = run.state, run.bundle, run.cfg.train
     if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
-        last_eval = run_eval(run)
-    say = console.print if run.main else say_nothing
+        last_eval = evaluate_and_track(run)
+    if t.load_best_at_end and run.best_weights:
+        restore_best(run)
+        run.say(f"the final adapter is the best evaluated one: step {state.best_step} (eval loss "
+                f"{state.best_eval_loss:.4f})")
     if state.skipped_steps:
-        say(f"[yellow]{state.skipped_steps} optimizer steps were skipped (non-finite loss or gradients).")
+        run.say(f"[yellow]{state.skipped_steps} updates were skipped (non-finite loss, or fp16 overflow).")
     result = TrainResult(run.out, state, last_loss, last_eval["eval_loss"] if last_eval else None)
     run.accelerator.wait_for_everyone()
     if not run.main:
         return result
-    out = run.out
-    save_adapter_folder(out, run.model, run.tokenizer, run.cfg, run.target_modules, state)
-    console.print(f"[green]adapter saved to {out}")
-    if run.cfg.train.merge_at_end:
-        from .merge import save_merged
-
-        # The adapter config travels with the merged model (as lora_adapter_config.json) for provenance.
-        adapter_config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
-        result.merged_dir = save_merged(
-            merge_lora(run.model), run.tokenizer, out / "merged", overwrite=True, adapter_config=adapter_config
-        )
-        console.print(f"[green]merged model saved to {result.merged_dir}")
+    if t.merge_at_end:
+        result.merged_dir = run.out / "merged"
+    outdir.publish(run.out, lambda folder: _write_result(run, folder), state.run_id, _result_bytes(run))
+    run.say(f"adapter saved to {run.out}", markup=False)
+    if result.merged_dir is not None:
+        run.say(f"merged model saved to {result.merged_dir}", markup=False)
     return result
+
+
+def _write_result(run: Run, folder: Path) -> None:
+    """Everything the finished run's output_dir holds besides what it carries over (checkpoints, runs/)."""
+    cfg = run.cfg
+    save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, run.state)
+    atomic_write_text(folder / METRICS_NAME, to_jsonl(run.state.log_history))
+    if cfg.train.merge_at_end:
+        from .merge import merge_adapter
+
+        # The one verified merge: lora-merge's own, in fp32 from the base on disk (also for a 4-bit or fp16 run).
+        merge_adapter(folder, folder / "merged", base=cfg.model.name_or_path, revision=cfg.model.revision,
+                      trust_remote_code=cfg.model.trust_remote_code, log=lambda m: run.say(m, markup=False))
+
+
+def _result_bytes(run: Run) -> int:
+    lora = sum(t.numel() * 4 for t in lora_state_dict(run.model).values())
+    merged = sum(p.numel() * p.element_size() for p in run.model.parameters()) if run.cfg.train.merge_at_end else 0
+    return lora + merged + 2**25

@@ -145,7 +145,14 @@ class TrainSection(_Section):
     save_steps: int | None = Field(None, gt=0)  # None = no intermediate checkpoints
     save_total_limit: int | None = Field(None, gt=0)  # keep only the newest N checkpoints; None = keep all
     merge_at_end: bool = False  # also save the base model with the adapter merged in
-    max_nonfinite_steps: int = Field(10, gt=0)  # consecutive NaN/inf losses tolerated before stopping
+    max_nonfinite_steps: int = Field(10, gt=0)  # consecutive skipped steps (NaN/inf loss or fp16 overflow) tolerated
+    # null = a fresh run; auto = continue from the newest complete checkpoint in output_dir (a fresh start if there
+    # is none, so the same command can be rerun after every disconnect); or the path of a checkpoint-<step> folder
+    resume_from_checkpoint: str | None = Field(None, min_length=1)
+    save_minutes: float | None = Field(None, gt=0)  # also checkpoint when this many minutes passed since the last
+    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evaluations without improvement
+    early_stopping_threshold: float = Field(0.0, ge=0)  # the least decrease of eval loss that counts as one
+    load_best_at_end: bool = False  # the final adapter is the one with the best evaluation loss
 
 
 class Config(BaseModel):
@@ -174,6 +181,13 @@ def cross_section_problems(config: Config) -> list[str]:
             f"train.eval_steps: is set but there is no validation data; set data.val_size (e.g. 0.05) or "
             f"data.val_path, or remove train.eval_steps (got {config.train.eval_steps})"
         )
+    for key in ("early_stopping_patience", "load_best_at_end"):
+        value = getattr(config.train, key)
+        if value and not has_validation_data:
+            problems.append(
+                f"train.{key}: needs validation data to compare evaluations; set data.val_size (e.g. 0.05) or "
+                f"data.val_path, or remove train.{key} (got {str(value).lower()})"
+            )
     return problems
 
 

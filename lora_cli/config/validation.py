@@ -78,6 +78,9 @@ _ALIASES = {
     "sequence_len": "data.max_length",
     "max_seq_length": "data.max_length",
     "max_seq_len": "data.max_length",
+    "load_best_model_at_end": "train.load_best_at_end",
+    "auto_resume_from_checkpoints": "train.resume_from_checkpoint",
+    "early_stopping_steps": "train.early_stopping_patience",
 }
 
 _REQUIRED_HINTS = {

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
 @dataclass
 class TrainState:
-    """Where the run is. Written into every checkpoint as trainer_state.json."""
+    """Where the run is: written into every checkpoint (and the final adapter folder) as trainer_state.json.
 
-    global_step: int = 0
+    Everything here is what an exact continuation needs besides the tensors (LoRA weights, optimizer, schedule,
+    loss scaler, RNG): the data position, the running sums of the current logging window, the early-stopping
+    bookkeeping and the history of every logged record.
+    """
+
+    global_step: int = 0  # optimizer updates applied (steps the fp16 scaler skipped are not counted)
     epoch: int = 0
-    batch_in_epoch: int = 0
+    batch_in_epoch: int = 0  # micro batches of this epoch consumed, over all processes
     tokens_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # windows whose update was skipped: non-finite loss, or fp16 overflow
+    consecutive_skipped: int = 0
+    total_steps: int = 0
+    num_processes: int = 1
+    run_id: str = ""  # the same across resumes of one run; checkpoints of other runs are never mixed in
+    run_started: str = ""  # when the run (its first part) started, ISO 8601
+    run_name: str = ""
+    data_fingerprint: str = ""  # of the tokenized training examples: a resumed run must see the same data
+    window_loss: float = 0.0  # sum of (loss x trained tokens) since the last logged record
+    window_tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
     log_history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -46,6 +69,9 @@ class Run:
     sink: object  # metrics.MetricsSink
     quiet: bool
     state: TrainState = field(default_factory=TrainState)
+    say: object = print  # message -> None on the main process, nothing elsewhere
+    best_weights: dict | None = None  # LoRA tensors of the best evaluation (train.load_best_at_end)
+    last_save: float = 0.0  # time.monotonic() of the last checkpoint, for train.save_minutes
 
     @property
     def main(self) -> bool:

@@ -1,0 +1,207 @@
+"""The output folder: what a run may write where, and the final result published as one atomic swap.
+
+    output_dir/
+      adapter_config.json, adapter_model.safetensors, tokenizer files,    the result: a PEFT-loadable adapter
+      lora_config.yaml, trainer_state.json, metrics.jsonl, ...            folder, published as a whole
+      merged/                                                             (train.merge_at_end)
+      checkpoint-<step>/                                                  full-state checkpoints, each atomic
+      runs/<run_name>/metrics.jsonl                                       the live log of a running job
+
+While training, only checkpoints and the live log under runs/ are written into output_dir; an older result there
+stays untouched until the new one is complete. The result is then built in a hidden sibling folder, the entries of
+output_dir that are not part of any result (this run's checkpoints, runs/, files of your own) are hard-linked in
+(copied where links are refused), and the sibling is swapped with output_dir (fsutil.replace_dir). Readers see the
+old folder or the new one, never a mix; a kill at any moment leaves one of them plus a hidden leftover that the
+next run removes (or, for a complete result that was not swapped in yet, swaps in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..adapter import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..errors import UserError
+from ..fsutil import (
+    OLD_SUFFIX,
+    TMP_SUFFIX,
+    atomic_write_text,
+    check_can_create,
+    disk_full_message,
+    is_disk_full,
+    link_tree,
+    make_temp_dir,
+    recover_dir,
+    replace_dir,
+    sync_tree,
+    temp_name,
+)
+from .checkpoint import PREFIX
+
+MANIFEST_NAME = ".lora_cli_result.json"  # which names the published result consists of, and when it was published
+LOCK_NAME = ".lora-train.lock"
+LIVE_DIR = "runs"
+# What earlier versions wrote as the result (they wrote no manifest): replaced, never carried over.
+KNOWN_RESULT_NAMES = (
+    CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "lora_config.yaml", "trainer_state.json", "metrics.jsonl",
+    "merged", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "*.model",
+)
+
+
+def has_result(out: Path) -> bool:
+    """Whether `out` holds a trained adapter (ours, PEFT's or a legacy .bin one)."""
+    return (out / CONFIG_NAME).is_file() and any((out / name).is_file() for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
+
+
+def result_state(out: Path) -> dict | None:
+    """The published result's trainer_state.json (None for an adapter without one)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    return None
+
+
+def _ready_path(out: Path) -> Path:
+    return out.with_name(temp_name(out) + "ready")
+
+
+# --- checks before anything is loaded --------------------------------------------------------------------------
+
+
+def check_location(out: Path, model_path: str, data_path: str) -> None:
+    """Refuse an output_dir that is a file, not writable, or entangled with the base model folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' exists and is not a folder; choose another train.output_dir.")
+    check_can_create(out, "train.output_dir")
+    model = Path(model_path).expanduser()
+    if model.is_dir() and (_within(out, model) or _within(model, out)):
+        relation = "is" if out.resolve() == model.resolve() else ("is inside" if _within(out, model) else "contains")
+        raise UserError(
+            f"train.output_dir '{out}' {relation} the base model folder '{model_path}'. Writing an adapter there "
+            "would make transformers load the adapter whenever it loads the base. Choose another train.output_dir."
+        )
+    data = Path(data_path).expanduser()
+    if data.exists() and _within(data, out):
+        raise UserError(
+            f"train.output_dir '{out}' contains the training data '{data_path}', which replacing the folder would "
+            "move. Choose another train.output_dir."
+        )
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+# --- locking and leftovers -------------------------------------------------------------------------------------
+
+
+def lock(out: Path):
+    """Hold an exclusive lock on output_dir for the run (released when the process ends, also by kill -9), so two
+    runs never write into one folder and the leftovers cleaned up at start are surely dead ones."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"train.output_dir '{out}' is in use by another lora-train run ({holder}). Wait for it to finish, or "
+            "choose another train.output_dir."
+        ) from None
+    except OSError:  # a filesystem without locks (some network/FUSE mounts): run unlocked
+        pass
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def recover(out: Path, log: Callable[[str], None]) -> None:
+    """Finish or undo what a killed run left: a complete result not yet swapped in is swapped in (it is newer
+    than what output_dir holds); incomplete temporary folders are removed."""
+    ready = _ready_path(out)
+    if ready.is_dir():
+        if not out.exists() or _published_at(ready) > _published_at(out):
+            log(f"note: completing the final save of an interrupted run into {out}")
+            if out.exists():
+                replace_dir(ready, out)
+            else:
+                recover_dir(out, ready)
+        else:
+            shutil.rmtree(ready, ignore_errors=True)
+    recover_dir(out, ready)
+    for folder, pattern in ((out.parent, temp_name(out) + "*"), (out, ".*")):
+        if not folder.is_dir():
+            continue
+        for leftover in folder.iterdir():
+            if fnmatch.fnmatch(leftover.name, pattern) and leftover.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def _published_at(folder: Path) -> int:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))["published_at"])
+    return 0
+
+
+# --- publishing the result -------------------------------------------------------------------------------------
+
+
+def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes: int) -> None:
+    """Build the result with `write(folder)` in a hidden sibling, carry over what is not part of any result, and swap
+    it in as output_dir. Nothing in output_dir changes unless all of it succeeds."""
+    stage = make_temp_dir(out, tag="publish-")
+    try:
+        write(stage)
+        names = sorted(p.name for p in stage.iterdir())
+        manifest = {"published_at": time.time_ns(), "run_id": run_id, "names": names}
+        atomic_write_text(stage / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        sync_tree(stage)
+        if out.is_dir():
+            _carry_over(out, stage, set(names) | {MANIFEST_NAME}, run_id)
+        ready = _ready_path(out)
+        shutil.rmtree(ready, ignore_errors=True)
+        os.replace(stage, ready)  # the commit point: from here on a later run completes the swap if this one dies
+        replace_dir(ready, out)
+    except OSError as err:
+        if is_disk_full(err):
+            raise UserError(disk_full_message("the final adapter", out, needed_bytes) + " The previous contents of "
+                            "the folder are intact, and so are this run's checkpoints (resume with "
+                            "train.resume_from_checkpoint=auto).") from None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _carry_over(out: Path, stage: Path, new_names: set[str], run_id: str) -> None:
+    stale = _old_result_names(out)
+    for entry in out.iterdir():
+        name = entry.name
+        if name in new_names or name in stale or name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+            continue
+        if name.startswith(PREFIX) and entry.is_dir():
+            state = result_state(entry)
+            if state is None or state.get("run_id") != run_id:
+                continue  # another run's checkpoint: not part of this result
+        link_tree(entry, stage / name)
+
+
+def _old_result_names(out: Path) -> set[str]:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return set(json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["names"])
+    return {p.name for p in out.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in KNOWN_RESULT_NAMES)}
