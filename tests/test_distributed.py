@@ -98,3 +98,35 @@ def test_sharded_setups_are_refused_with_the_fix(kind):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[kind]))
     for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[fine]))
+
+
+def test_two_processes_resume_exactly(tmp_path, trainable_model_dir):
+    """A 2-process run stopped after checkpoint-2 and resumed (under torchrun again) equals the uninterrupted one:
+    the checkpoint holds both processes' RNG states and the window position over all processes."""
+    model_dir = trainable_model_dir("llama")
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2, "save_steps": 2,
+             "output_dir": str(tmp_path / "out")}
+    config = make_config(tmp_path, model_dir, rows=ROWS, data={"max_length": 24}, lora={"dropout": 0.1}, train=train)
+    whole = run_train(config, 2)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    out = tmp_path / "out"
+    import torch
+
+    assert len(torch.load(out / "checkpoint-2" / "rng_state.pth", weights_only=True)) == 2
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", cut / "checkpoint-2")
+    resumed_config = tmp_path / "resumed.yaml"
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    data["train"].update(output_dir=str(cut), resume_from_checkpoint="auto")
+    resumed_config.write_text(yaml.safe_dump(data))
+    resumed = run_train(resumed_config, 2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    strip = lambda rows: [{k: r[k] for k in ("step", "loss", "grad_norm")} for r in rows if "loss" in r]  # noqa: E731
+    assert strip(metrics(cut)) == strip(metrics(out))
+    assert (cut / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()

@@ -10,7 +10,7 @@ from rich.console import Console
 from .. import data as data_lib
 from ..config import Config, config_to_yaml
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, copyable
 
 
 def say_nothing(*args, **kwargs) -> None:
