@@ -70,6 +70,111 @@ def train_config(tmp_path: Path, model_dir: Path, rows=None, **sections) -> Path
     return path
 
 
+# --- item 5: a damaged base model ----------------------------------------------------------------------------
+
+DAMAGED = ("model.safetensors", "damaged or incomplete", "Re-download")
+
+
+@pytest.fixture
+def truncated_base(tiny_model_dir, tmp_path) -> Path:
+    base = copy_model(tiny_model_dir, tmp_path, "truncated")
+    cut_in_half(base / "model.safetensors")
+    return base
+
+
+def test_truncated_base_in_lora_train(truncated_base, tmp_path):
+    result = invoke(train_app, train_config(tmp_path, truncated_base))
+    assert_exit_2(result, *DAMAGED, str(truncated_base / "model.safetensors"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_base_in_lora_merge(tiny_model_dir, truncated_base, tmp_path):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    result = invoke(merge_app, adapter, tmp_path / "merged", "--base", truncated_base)
+    assert_exit_2(result, *DAMAGED)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_truncated_base_in_lora_generate(truncated_base):
+    result = invoke(generate_app, truncated_base, "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "2")
+    assert_exit_2(result, *DAMAGED)
+
+
+def test_truncated_base_in_the_hub_cache_names_the_cached_file(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir("llama"), snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    cut_in_half(snapshot / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError) as err:
+        load_base_model("org/tiny")
+    assert str(snapshot / "model.safetensors") in str(err.value)
+    assert "hf download org/tiny --force-download" in str(err.value)
+
+
+def _shard(base: Path) -> list[str]:
+    """Rewrite the base's weights as two shards plus an index, as large models come."""
+    tensors = load_file(str(base / "model.safetensors"))
+    (base / "model.safetensors").unlink()
+    keys = list(tensors)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    for name, part in zip(names, halves):
+        save_file({k: tensors[k] for k in part}, str(base / name), metadata={"format": "pt"})
+    weight_map = {k: name for name, part in zip(names, halves) for k in part}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return names
+
+
+@pytest.mark.parametrize("damage", ["missing-shard", "truncated-shard", "truncated-bin", "empty-file"])
+def test_damaged_weight_files_are_named(tiny_model_dir, tmp_path, damage):
+    base = copy_model(tiny_model_dir, tmp_path)
+    if damage == "missing-shard":
+        (base / _shard(base)[1]).unlink()
+        culprit, why = base / "model-00002-of-00002.safetensors", "missing"
+    elif damage == "truncated-shard":
+        cut_in_half(base / _shard(base)[1])
+        culprit, why = base / "model-00002-of-00002.safetensors", "incomplete metadata"
+    elif damage == "truncated-bin":
+        torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
+        (base / "model.safetensors").unlink()
+        cut_in_half(base / "pytorch_model.bin")
+        culprit, why = base / "pytorch_model.bin", "cut short"
+    else:
+        (base / "model.safetensors").write_bytes(b"")
+        culprit, why = base / "model.safetensors", "header too small"
+    with pytest.raises(UserError) as err:
+        load_base_model(str(base))
+    message = str(err.value)
+    assert str(culprit) in message and why in message and "Re-download" in message
+
+
+def test_weights_of_another_shape_than_the_config(tiny_model_dir, tmp_path):
+    base = copy_model(tiny_model_dir, tmp_path)
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:5].contiguous()
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="do not fit its config.json"):
+        load_base_model(str(base))
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'{"model_type": "llama",', "is not valid JSON"),
+    (b'{"model_type": "\xff"}', "is not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object"),
+])
+def test_broken_config_json_is_named(tiny_model_dir, tmp_path, content, problem):
+    base = copy_model(tiny_model_dir, tmp_path)
+    (base / "config.json").write_bytes(content)
+    for load in (load_tokenizer, load_base_model):  # the tokenizer raised a TypeError on a JSON list
+        with pytest.raises(UserError) as err:
+            load(str(base))
+        assert str(base / "config.json") in str(err.value) and problem in str(err.value)
+
+
 # --- item 6: square brackets are text, not markup ------------------------------------------------------------
 
 
