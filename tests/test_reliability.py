@@ -175,6 +175,144 @@ def test_broken_config_json_is_named(tiny_model_dir, tmp_path, content, problem)
         assert str(base / "config.json") in str(err.value) and problem in str(err.value)
 
 
+# --- item 5: wrong-typed adapter_config.json fields ----------------------------------------------------------
+
+BAD_FIELDS = {
+    "lora_alpha": ("sixteen", "a number"),
+    "r": ("eight", "a positive whole number"),
+    "target_modules": (123, "a list of module names"),
+    "rank_pattern": ({"q_proj": "x"}, "an object mapping module names to positive whole numbers"),
+    "alpha_pattern": (["q_proj"], "an object mapping module names to numbers"),
+    "lora_dropout": ("x", "a number from 0 to 1"),
+    "layers_to_transform": ("a", "a layer index or a list of layer indices"),
+    "use_rslora": ("yes", "true or false"),
+    "use_dora": ("no", "true or false"),
+    "init_lora_weights": ([1], "true, false or a method name"),
+    "base_model_name_or_path": (5, "a model name or folder"),
+    "revision": (5, "a Hub branch, tag or commit"),
+}
+BAD_VALUES = [(key, value, expected) for key, (value, expected) in BAD_FIELDS.items()] + [
+    ("r", 0, "a positive whole number"),
+    ("r", -4, "a positive whole number"),
+    ("r", 4.5, "a positive whole number"),
+    ("r", True, "a positive whole number"),
+    ("rank_pattern", ["q_proj"], "an object mapping"),
+    ("rank_pattern", {"q_proj": 0}, "an object mapping"),
+    ("target_modules", ["q_proj", 1], "a list of module names"),
+]
+
+
+def _edit_config(adapter: Path, **changes) -> Path:
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    config.update(changes)
+    (adapter / CONFIG_NAME).write_text(json.dumps(config))
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_our_adapter(tiny_model_dir("llama"), tmp_path_factory.mktemp("good") / "adapter")
+
+
+@pytest.mark.parametrize("key,value,expected", BAD_VALUES, ids=lambda v: repr(v)[:20])
+@pytest.mark.parametrize("command", ["merge", "generate"])
+def test_wrong_typed_adapter_config_field(good_adapter, tiny_model_dir, tmp_path, command, key, value, expected):
+    adapter = _edit_config(Path(shutil.copytree(good_adapter, tmp_path / "adapter")), **{key: value})
+    base = tiny_model_dir("llama")
+    if command == "merge":
+        result = invoke(merge_app, adapter, tmp_path / "merged", "--base", base)
+    else:
+        result = invoke(generate_app, base, "--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "1")
+    assert_exit_2(result, str(adapter / CONFIG_NAME), f"{key} must be {expected}", json.dumps(value))
+
+
+def test_every_wrong_field_is_listed_at_once(good_adapter, tmp_path):
+    adapter = _edit_config(Path(shutil.copytree(good_adapter, tmp_path / "adapter")), r="eight", lora_alpha="x")
+    with pytest.raises(UserError, match="2 invalid fields: r must be .*; lora_alpha must be"):
+        load_adapter(tiny.make_model("llama"), adapter)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("target_parameters", ["mlp.experts.down_proj"]),
+    ("trainable_token_indices", [1, 2]), ("lora_bias", True),
+])
+def test_peft_features_that_change_the_math_are_refused(good_adapter, tmp_path, key, value):
+    adapter = _edit_config(Path(shutil.copytree(good_adapter, tmp_path / "adapter")), **{key: value})
+    with pytest.raises(UserError, match=f"does not support: {key}="):
+        load_adapter(tiny.make_model("llama"), adapter)
+
+
+@pytest.mark.parametrize("targets,exclude,excluded", [
+    (["q_proj", "v_proj"], r".*\.0\.self_attn\.q_proj", "0.self_attn.q_proj"),  # a regex over the whole path
+    ("all-linear", ["down_proj"], "down_proj"),  # names matched as the end of the path
+])
+def test_peft_adapter_with_exclude_modules_loads_and_matches_peft(tmp_path, targets, exclude, excluded):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, exclude_modules=exclude, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(tiny.make_model("llama"), config)
+    randomise_lora(peft_model, seed=5)
+    peft_model.save_pretrained(tmp_path)
+    model = tiny.make_model("llama")
+    load_adapter(model, tmp_path)
+    wrapped = list(lora_layers(model))
+    assert len(wrapped) == len(peft_model.targeted_module_names) and not any(p.endswith(excluded) for p in wrapped)
+    assert_close(logits(model.eval()), logits(peft_model.eval()), 1e-5)
+
+
+# --- item 7: non-finite adapters are refused on load ---------------------------------------------------------
+
+
+def _poison(adapter: Path, count: int, value=float("nan"), dtype=None) -> list[str]:
+    tensors = load_file(str(adapter / WEIGHTS_NAME))
+    names = sorted(tensors)[:count]
+    for name in names:
+        tensors[name] = tensors[name].to(dtype) if dtype is not None else tensors[name].clone()
+        tensors[name].view(-1)[0] = value if dtype is None else 7
+    save_file(tensors, str(adapter / WEIGHTS_NAME), metadata={"format": "pt"})
+    return names
+
+
+def test_nan_adapter_in_lora_generate(tiny_model_dir, tmp_path):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    names = _poison(adapter, 2)
+    result = invoke(generate_app, tiny_model_dir("llama"), "--adapter", adapter, "--prompt", "hi",
+                    "--temperature", "0", "--max-new-tokens", "2")
+    assert_exit_2(result, str(adapter / WEIGHTS_NAME), "non-finite values (NaN or inf) in 2 of its 8 tensors",
+                  *names, "checkpoint")
+
+
+def test_inf_adapter_in_lora_merge_fails_before_the_base_loads(tiny_model_dir, tmp_path, monkeypatch):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    names = _poison(adapter, 1, value=float("inf"))
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded for a broken adapter")
+
+    monkeypatch.setattr("lora_cli.loading.load_base_model", must_not_load)
+    result = invoke(merge_app, adapter, tmp_path / "merged")
+    assert_exit_2(result, "non-finite values", names[0])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_many_non_finite_tensors_are_listed_up_to_a_limit(tiny_model_dir, tmp_path):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter", target_modules="all-linear")
+    names = _poison(adapter, 14)
+    with pytest.raises(UserError) as err:
+        load_adapter(tiny.make_model("llama"), adapter)
+    message = str(err.value)
+    assert "in 14 of its 28 tensors" in message and "and 4 more" in message
+    assert all(name in message for name in names[:10]) and names[13] not in message
+
+
+def test_integer_adapter_tensors_are_refused(tiny_model_dir, tmp_path):
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    names = _poison(adapter, 1, dtype=torch.int32)
+    with pytest.raises(UserError, match="not floating point") as err:
+        load_adapter(tiny.make_model("llama"), adapter)
+    assert f"{names[0]} (int32)" in str(err.value)
+
+
 # --- item 6: square brackets are text, not markup ------------------------------------------------------------
 
 
