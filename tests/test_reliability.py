@@ -345,3 +345,57 @@ def test_merge_into_a_path_with_markup(tiny_model_dir, tmp_path):
 def test_help_of_python_m_lora_cli_keeps_its_brackets():
     result = runner.invoke(main_app, ["train", "--help"])
     assert result.exit_code == 0 and "lora.target_modules=[q_proj,v_proj]" in result.output
+
+
+# --- item 9: booleans are not numbers ------------------------------------------------------------------------
+
+
+def _numeric_fields() -> list[tuple[str, str, bool]]:
+    """(section, key, is a list of numbers) for every number field of the config schema, read off its types."""
+    fields = []
+    for section, section_field in Config.model_fields.items():
+        for key, field in section_field.annotation.model_fields.items():
+            members = get_args(field.annotation) or (field.annotation,)
+            if any(member in (int, float) for member in members):
+                fields.append((section, key, False))
+            elif any(get_origin(m) is list and get_args(m)[0] in (int, float) for m in members):
+                fields.append((section, key, True))
+    return fields
+
+
+NUMERIC_FIELDS = _numeric_fields()
+
+
+def test_the_numeric_fields_are_found():
+    keys = {f"{section}.{key}" for section, key, _ in NUMERIC_FIELDS}
+    assert {"lora.r", "lora.alpha", "data.max_length", "train.learning_rate", "train.max_steps",
+            "lora.layers_to_transform", "train.seed"} <= keys
+    assert "model.trust_remote_code" not in keys and len(keys) >= 20
+
+
+def _minimal(section: str, key: str, value) -> dict:
+    config = {"model": {"name_or_path": "org/model"}, "data": {"path": "train.jsonl"}}
+    config.setdefault(section, {})[key] = value
+    return config
+
+
+@pytest.mark.parametrize("section,key,is_list", NUMERIC_FIELDS, ids=[f"{s}.{k}" for s, k, _ in NUMERIC_FIELDS])
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_boolean_is_refused_for_every_number(section, key, is_list, flag):
+    for value in ([flag, [flag]] if is_list else [flag]):
+        with pytest.raises(UserError) as err:
+            validate_config(_minimal(section, key, value), source="config.yaml")
+        assert f"{section}.{key}: must be" in str(err.value)  # val_size has its own wording; it refused bools before
+
+
+@pytest.mark.parametrize("key", ["lora.alpha", "train.learning_rate", "train.max_grad_norm", "train.epochs"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinity_and_nan_are_refused(key, value):
+    section, name = key.split(".")
+    with pytest.raises(UserError, match=rf"{key}: must be a finite number"):
+        validate_config(_minimal(section, name, value), source="config.yaml")
+
+
+def test_lora_r_true_on_the_command_line(tiny_model_dir, tmp_path):
+    result = invoke(train_app, train_config(tmp_path, tiny_model_dir("llama")), "lora.r=true")
+    assert_exit_2(result, "lora.r: must be a number, not true or false (got true)")
