@@ -347,6 +347,94 @@ def test_help_of_python_m_lora_cli_keeps_its_brackets():
     assert result.exit_code == 0 and "lora.target_modules=[q_proj,v_proj]" in result.output
 
 
+# --- item 9: data with nothing to train ----------------------------------------------------------------------
+
+
+def chat(*turns: str) -> dict:
+    roles = ["user", "assistant"]
+    return {"messages": [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
+
+
+def build(tmp_path, rows, tokenizer, **kwargs):
+    return data.build_datasets(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer, **kwargs)
+
+
+def data_error(tmp_path, rows, tokenizer, **kwargs) -> str:
+    with pytest.raises(UserError) as err:
+        build(tmp_path, rows, tokenizer, **kwargs)
+    return str(err.value)
+
+
+def test_chat_without_any_assistant_turn(tmp_path, tokenizer):
+    message = data_error(tmp_path, [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(40)], tokenizer)
+    assert "of its 40 rows, 40 have no assistant reply to train on" in message
+    assert "max_length" not in message and "all 0" not in message
+
+
+def test_prompts_that_fill_max_length_are_counted(tmp_path, tokenizer):
+    message = data_error(tmp_path, [chat("q " * 100, "a")] * 5, tokenizer, max_length=32)
+    assert "of its 5 rows, 5 have a prompt that fills data.max_length=32" in message
+    assert "increase data.max_length" in message
+
+
+def test_mixed_reasons_are_each_counted(tmp_path, tokenizer):
+    rows = [chat("q " * 100, "a"), chat("q", ""), {"messages": [{"role": "user", "content": "q"}]}]
+    message = data_error(tmp_path, rows, tokenizer, max_length=32)
+    assert "of its 3 rows, 1 have no assistant reply" in message
+    assert "1 have only empty assistant replies" in message and "1 have a prompt that fills" in message
+
+
+@pytest.mark.parametrize("rows,what", [
+    ([chat("q", "")] * 4, "4 have only empty assistant replies"),
+    ([chat("q", "  \n")] * 4, "4 have only empty assistant replies"),
+    ([{"instruction": "do", "output": ""}] * 4, "4 have an empty output"),
+    ([{"text": ""}] * 4, "4 are empty"),
+])
+def test_only_empty_responses_is_an_error(tmp_path, tokenizer, rows, what):
+    assert what in data_error(tmp_path, rows, tokenizer, max_length=256)
+
+
+def test_one_empty_reply_among_normal_ones_is_dropped_and_counted(tmp_path, tokenizer):
+    rows = [chat(f"q{i}", "" if i == 3 else "an answer") for i in range(10)]
+    bundle = build(tmp_path, rows, tokenizer)
+    assert (bundle.stats.num_train, bundle.stats.num_dropped, bundle.stats.num_without_response) == (9, 1, 1)
+    assert 3 not in [e.row_index for e in bundle.train]
+
+
+def test_an_empty_turn_inside_a_conversation_is_not_trained(tmp_path, tokenizer):
+    bundle = build(tmp_path, [chat("q1", "the first answer", "q2", "", "q3", "the last answer")], tokenizer)
+    example = bundle.train[0]
+    trained = tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX])
+    # Both answers, each with its end-of-turn token; nothing for the empty reply between them.
+    assert trained == "the first answer<|im_end|>the last answer<|im_end|>"
+
+
+def test_a_conversation_the_assistant_opens(tmp_path, tokenizer):
+    row = {"messages": [{"role": "assistant", "content": "Hello there!"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "How are you?"}]}
+    example = build(tmp_path, [row], tokenizer).train[0]
+    trained = tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX])
+    assert trained == "Hello there!<|im_end|>How are you?<|im_end|>"
+
+
+def test_misspelt_messages_field_is_named(tmp_path, tokenizer):
+    rows = [chat("q", "a"), {"mesages": chat("q", "a")["messages"]}]
+    message = data_error(tmp_path, rows, tokenizer)
+    assert "row 2" in message and "neither a 'messages' nor a 'conversations' field" in message
+    assert "did you mean 'messages' for 'mesages'" in message and "'conversations' must be" not in message
+
+
+def test_misspelt_field_in_the_first_row_is_suggested(tmp_path, tokenizer):
+    message = data_error(tmp_path, [{"mesages": chat("q", "a")["messages"]}], tokenizer)
+    assert "did you mean 'messages' for 'mesages'?" in message
+
+
+def test_json_nested_too_deeply(tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="line 1 is not valid JSON"):
+        data.load_rows(str(tmp_path / "deep.jsonl"))
+
+
 # --- item 9: booleans are not numbers ------------------------------------------------------------------------
 
 
