@@ -167,12 +167,23 @@ _UNSUPPORTED_FEATURES = {
 }
 
 
+# Initialisations that subtract the initial B·A from the base weights: PEFT redoes that on load; we do not.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def _refuse_unsupported(raw: dict, path: Path) -> None:
     unsupported = [f"{key}={raw[key]!r} ({what})" for key, what in _UNSUPPORTED_FEATURES.items() if raw.get(key)]
     if raw.get("bias", "none") != "none":
         unsupported.append(f"bias={raw['bias']!r} (trained biases)")
     if raw.get("layers_pattern") and raw.get("layers_to_transform") is not None:
         unsupported.append(f"layers_pattern={raw['layers_pattern']!r}")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        unsupported.append(
+            f"init_lora_weights={init!r} (this initialisation also changed the base weights, so the adapter "
+            "does not apply to the original base; PEFT converts it with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...))"
+        )
     if unsupported:
         raise UserError(f"{path} uses features lora-cli does not support: {'; '.join(unsupported)}.")
 

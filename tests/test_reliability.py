@@ -234,7 +234,8 @@ def test_every_wrong_field_is_listed_at_once(good_adapter, tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("target_parameters", ["mlp.experts.down_proj"]),
-    ("trainable_token_indices", [1, 2]), ("lora_bias", True),
+    ("trainable_token_indices", [1, 2]), ("lora_bias", True), ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "olora"),
 ])
 def test_peft_features_that_change_the_math_are_refused(good_adapter, tmp_path, key, value):
     adapter = _edit_config(Path(shutil.copytree(good_adapter, tmp_path / "adapter")), **{key: value})
