@@ -173,7 +173,7 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 def _refuse_unsupported(raw: dict, path: Path) -> None:
     unsupported = [f"{key}={raw[key]!r} ({what})" for key, what in _UNSUPPORTED_FEATURES.items() if raw.get(key)]
-    if raw.get("bias", "none") != "none":
+    if raw.get("bias") not in (None, "none"):
         unsupported.append(f"bias={raw['bias']!r} (trained biases)")
     if raw.get("layers_pattern") and raw.get("layers_to_transform") is not None:
         unsupported.append(f"layers_pattern={raw['layers_pattern']!r}")
@@ -268,7 +268,8 @@ def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
         shown = ", ".join(names[:_MAX_LISTED])
         return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
-    not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items() if not v.is_floating_point()]
+    not_float = [f"{key} ({str(tensor.dtype).removeprefix('torch.')})" for key, tensor in tensors.items()
+                 if not tensor.is_floating_point()]
     if not_float:
         raise UserError(
             f"{path} holds {len(not_float)} tensors that are not floating point: {listing(not_float)}. LoRA weights "
