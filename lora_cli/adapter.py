@@ -8,6 +8,8 @@ known, present and of the right shape, or one error lists each offending tensor.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _LORA_KEYS = ("lora_A.weight", "lora_B.weight")
 _DORA_KEY = "lora_magnitude_vector"
+_MAX_LISTED = 10  # tensor names quoted in one error message
 
 
 @dataclass
@@ -128,51 +131,158 @@ def _settings_from_config(raw: dict, path: Path) -> LoraSettings:
         raise UserError(
             f"{path} is a '{peft_type}' adapter; lora-cli reads LoRA adapters only (peft_type \"LORA\")."
         )
-    unsupported = []
-    if raw.get("modules_to_save"):
-        unsupported.append(f"modules_to_save={raw['modules_to_save']} (fully trained modules)")
-    if raw.get("bias", "none") != "none":
-        unsupported.append(f"bias={raw['bias']!r} (trained biases)")
-    if raw.get("lora_bias"):
-        unsupported.append("lora_bias=true")
-    if raw.get("layer_replication"):
-        unsupported.append("layer_replication")
-    if raw.get("layers_pattern") and raw.get("layers_to_transform") is not None:
-        unsupported.append(f"layers_pattern={raw['layers_pattern']!r}")
-    if unsupported:
-        raise UserError(f"{path} uses features lora-cli does not support: {'; '.join(unsupported)}.")
+    _refuse_unsupported(raw, path)
     if "r" not in raw or "lora_alpha" not in raw:
         raise UserError(f"{path} lacks 'r' or 'lora_alpha'; both are needed to apply a LoRA adapter.")
+    _check_field_types(raw, path)
     layers = raw.get("layers_to_transform")
     return LoraSettings(
-        r=int(raw["r"]),
+        r=raw["r"],
         alpha=float(raw["lora_alpha"]),
         dropout=float(raw.get("lora_dropout") or 0.0),
         target_modules=raw.get("target_modules"),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
+        use_rslora=bool(raw.get("use_rslora")),
+        use_dora=bool(raw.get("use_dora")),
         init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "default",
         layers_to_transform=[layers] if isinstance(layers, int) else layers,
         rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        alpha_pattern={key: float(value) for key, value in (raw.get("alpha_pattern") or {}).items()},
     )
 
 
+# PEFT features that change which weights exist or what the layer computes; lora-cli's layers would silently
+# compute something else, so an adapter that uses one is refused by name.
+_UNSUPPORTED_FEATURES = {
+    "modules_to_save": "fully trained modules",
+    "lora_bias": "trained LoRA biases",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained token embeddings",
+    "target_parameters": "LoRA on parameters rather than modules",
+    "alora_invocation_tokens": "Activated LoRA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+# Initialisations that subtract the initial B·A from the base weights: PEFT redoes that on load; we do not.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _refuse_unsupported(raw: dict, path: Path) -> None:
+    unsupported = [f"{key}={raw[key]!r} ({what})" for key, what in _UNSUPPORTED_FEATURES.items() if raw.get(key)]
+    if raw.get("bias") not in (None, "none"):
+        unsupported.append(f"bias={raw['bias']!r} (trained biases)")
+    if raw.get("layers_pattern") and raw.get("layers_to_transform") is not None:
+        unsupported.append(f"layers_pattern={raw['layers_pattern']!r}")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        unsupported.append(
+            f"init_lora_weights={init!r} (this initialisation also changed the base weights, so the adapter "
+            "does not apply to the original base; PEFT converts it with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...))"
+        )
+    if unsupported:
+        raise UserError(f"{path} uses features lora-cli does not support: {'; '.join(unsupported)}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:  # JSON has NaN and Infinity too; neither is a usable alpha or rank
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_name_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_pattern(check):
+    return lambda value: isinstance(value, dict) and all(check(item) for item in value.values())
+
+
+# key -> (the check a present, non-null value must pass, what the message says it must be)
+_FIELD_TYPES = {
+    "r": (lambda v: _is_int(v) and v > 0, "a positive whole number such as 8"),
+    "lora_alpha": (_is_number, "a number such as 16"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1 such as 0.05"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_name_list(v),
+                       'a list of module names such as ["q_proj", "v_proj"], or one regex string'),
+    "exclude_modules": (lambda v: isinstance(v, str) or _is_name_list(v),
+                        'a list of module names such as ["o_proj"], or one regex string'),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), 'true, false or a method name such as "gaussian"'),
+    "layers_to_transform": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and all(
+        _is_int(i) and i >= 0 for i in v)), "a layer index or a list of layer indices such as [0, 1]"),
+    "rank_pattern": (_is_pattern(lambda v: _is_int(v) and v > 0),
+                     'an object mapping module names to positive whole numbers, such as {"q_proj": 16}'),
+    "alpha_pattern": (_is_pattern(_is_number), 'an object mapping module names to numbers, such as {"q_proj": 32}'),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a model name or folder, as a string"),
+    "revision": (lambda v: isinstance(v, str), "a Hub branch, tag or commit, as a string"),
+}
+
+
+def _check_field_types(raw: dict, path: Path) -> None:
+    """Each field lora-cli reads must have the type PEFT writes (null stands for the default): a hand-edited
+    `"lora_alpha": "sixteen"` is named here, not met later as a Python error."""
+    problems = [f"{key} must be {expected} (got {json.dumps(raw[key])})"
+                for key, (check, expected) in _FIELD_TYPES.items() if raw.get(key) is not None and not check(raw[key])]
+    if problems:
+        raise UserError(
+            f"{path} has {len(problems)} invalid field{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}. "
+            "Correct the file, or re-save the adapter with the tool that trained it."
+        )
+
+
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, refused unless every one is a finite floating-point tensor: a NaN adapter loads
+    "strictly" and then generates empty text, so it is stopped here, before any slow work."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / WEIGHTS_NAME
     if path.is_file():
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{path} is not a readable safetensors file ({err}). Re-save or re-download it.") from None
-    legacy = adapter_dir / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():  # adapters from PEFT before safetensors became its default
+    elif (adapter_dir / LEGACY_WEIGHTS_NAME).is_file():  # adapters from PEFT before safetensors became its default
+        path = adapter_dir / LEGACY_WEIGHTS_NAME
         try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several unrelated types for a bad pickle
-            raise UserError(f"{legacy} could not be read ({err}). Re-save the adapter.") from None
-    raise UserError(f"{adapter_dir} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter's weights are missing.")
+            raise UserError(f"{path} could not be read ({err}). Re-save the adapter.") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise UserError(f"{path} does not hold a dictionary of tensors, so it is not an adapter. Re-save it.")
+    else:
+        raise UserError(f"{adapter_dir} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter's weights are missing.")
+    _check_tensor_values(tensors, path)
+    return tensors
+
+
+def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(names[:_MAX_LISTED])
+        return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+    not_float = [f"{key} ({str(tensor.dtype).removeprefix('torch.')})" for key, tensor in tensors.items()
+                 if not tensor.is_floating_point()]
+    if not_float:
+        raise UserError(
+            f"{path} holds {len(not_float)} tensors that are not floating point: {listing(not_float)}. LoRA weights "
+            "are float32, float16 or bfloat16; the file is damaged or not a LoRA adapter. Re-save the adapter."
+        )
+    non_finite = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise UserError(
+            f"{path} holds non-finite values (NaN or inf) in {len(non_finite)} of its {len(tensors)} tensors: "
+            f"{listing(non_finite)}. Such an adapter only produces garbage; training probably diverged (check the "
+            "loss in the run's metrics.jsonl). Use an earlier checkpoint-<step> folder, or retrain with a lower "
+            "learning rate."
+        )
 
 
 def _expected_shapes(model: nn.Module, paths: list[str], use_dora: bool, ranks: dict[str, int]) -> dict:
@@ -194,16 +304,42 @@ def _normalise_key(key: str) -> str:
         .replace(f".{_DORA_KEY}.default", f".{_DORA_KEY}")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[AdapterConfig, InjectionReport]:
-    """Apply the adapter in `adapter_dir` to `model` (LoRA layers unmerged), strictly."""
+def _without_excluded(paths: list[str], exclude, config_path: Path) -> list[str]:
+    """PEFT's exclude_modules: a regex matched against the whole module path, or names matched as its end."""
+    if not exclude:
+        return paths
+    if isinstance(exclude, str):
+        try:
+            regex = re.compile(exclude)
+        except re.error as err:
+            raise UserError(f"{config_path}: exclude_modules {exclude!r} is not a valid regular expression ({err}).") \
+                from None
+        kept = [p for p in paths if not regex.fullmatch(p)]
+    else:
+        kept = [p for p in paths if not any(p == name or p.endswith("." + name) for name in exclude)]
+    if not kept:
+        raise UserError(
+            f"{config_path}: exclude_modules={exclude!r} excludes every module target_modules selects, so the "
+            "adapter would change nothing. Correct the file, or re-save the adapter."
+        )
+    return kept
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, tensors: dict[str, torch.Tensor] | None = None
+) -> tuple[AdapterConfig, InjectionReport]:
+    """Apply the adapter in `adapter_dir` to `model` (LoRA layers unmerged), strictly. `tensors`: the result of
+    read_adapter_tensors(adapter_dir) when the caller read them already (to fail before loading the model)."""
     config = read_adapter_config(adapter_dir)
-    tensors = {_normalise_key(k): v for k, v in read_adapter_tensors(adapter_dir).items()}
+    tensors = tensors if tensors is not None else read_adapter_tensors(adapter_dir)
+    tensors = {_normalise_key(k): v for k, v in tensors.items()}
     settings = config.settings
     where = Path(adapter_dir) / WEIGHTS_NAME
     try:
         paths, _ = resolve_target_paths(model, settings, strict=False)
     except UserError as err:
         raise UserError(f"The adapter in {adapter_dir} does not fit this base model: {err}") from None
+    paths = _without_excluded(paths, config.raw.get("exclude_modules"), Path(adapter_dir) / CONFIG_NAME)
     ranks = {p: int(pattern_value(p, settings.rank_pattern, settings.r)) for p in paths}
     expected = _expected_shapes(model, paths, settings.use_dora, ranks)
     problems = []

@@ -16,9 +16,12 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import UserError
 
+# Messages and paths are user text: print them as rich Text (or markup=False), never as markup, where
+# "[q_proj, v_proj]" would vanish and a path holding "[/x]" would crash the printer itself.
 err_console = Console(stderr=True)
 EXIT_USER_ERROR = 2
 
@@ -51,7 +54,7 @@ def handle_errors(func):
         except UserError as err:
             if debug:
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(err)), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
@@ -130,7 +133,7 @@ def merge_command(
         overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
         log=lambda message: console.print(message, markup=False),
     )
-    console.print(f"[green]merged model saved to {result.output_dir}")
+    console.print(Text(f"merged model saved to {result.output_dir}", style="green"))
 
 
 # --- lora-generate -------------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def _single(command) -> typer.Typer:
 
 
 def _all_commands() -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None)
     app.command("train")(handle_errors(train_command))
     app.command("merge")(handle_errors(merge_command))
     app.command("generate")(handle_errors(generate_command))

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import AdapterConfig, load_adapter, read_adapter_config
+from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
 from .models import load_base_model, load_tokenizer
@@ -61,15 +61,17 @@ def load_model(
     log = log or (lambda message: None)
     if merge and adapter_dir is None:
         raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
+    adapter_tensors = None
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
+        adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
     where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}"
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")
     model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device)
     loaded = LoadedModel(model, tokenizer)
     if adapter_dir is not None:
-        loaded.adapter, loaded.report = load_adapter(model, adapter_dir)
+        loaded.adapter, loaded.report = load_adapter(model, adapter_dir, adapter_tensors)
         log(f"adapter {adapter_dir}: {len(loaded.report.wrapped)} LoRA modules" + (", merged in memory" if merge else ""))
         if merge:
             merge_lora(model)

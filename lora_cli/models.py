@@ -5,10 +5,13 @@ lora-train, lora-merge and lora-generate all load through here, so they see the 
 
 from __future__ import annotations
 
+import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
@@ -115,14 +118,35 @@ def _check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
             f"{what} '{name_or_path}' is a folder without config.json, so not a Hugging Face model folder. "
             "If it is an adapter folder, pass it with --adapter and give the base model here."
         )
+    if path.is_dir():
+        _check_config_json(path / "config.json")
+
+
+def _check_config_json(path: Path) -> None:
+    """transformers reports a broken config.json vaguely, or (for a JSON list) with a TypeError: name the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"{path} is not valid JSON ({err}). The model's configuration is damaged: re-download or re-save the model."
+        ) from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}). Check the file's permissions.") from None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path} must hold a JSON object (the model's configuration), not a {type(config).__name__}. "
+            "Re-download or re-save the model."
+        )
 
 
 def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(
-        f"Could not load {what} '{name_or_path}': {first_line}. If it is a Hub name, check the spelling and that the "
-        "Hub is reachable (or the model is in the local cache); otherwise pass a local model folder."
-    )
+    first_line = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    if Path(name_or_path).expanduser().is_dir():
+        advice = "Check that the folder holds a complete Hugging Face model; re-download or re-save it if not."
+    else:
+        advice = ("If it is a Hub name, check the spelling and that the Hub is reachable (or the model is in the "
+                  "local cache); otherwise pass a local model folder.")
+    return UserError(f"Could not load {what} '{name_or_path}': {first_line}. {advice}")
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -156,13 +180,100 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as err:
-        raise _load_error(name_or_path, err, "the model") from None
+    except Exception as err:  # what transformers raises for a damaged file varies: look at the files themselves
+        damaged = damaged_weight_files(name_or_path, revision)
+        if damaged:
+            raise _damaged_error(name_or_path, revision, damaged) from None
+        if isinstance(err, RuntimeError) and "ignore_mismatched_sizes" in str(err):
+            raise UserError(
+                f"The weights of '{name_or_path}' do not fit its config.json: a tensor has another shape than the "
+                "config asks for, so the folder mixes files of different models. Re-download or re-save the model."
+            ) from None
+        if isinstance(err, (OSError, ValueError, KeyError, SafetensorError)):
+            raise _load_error(name_or_path, err, "the model") from None
+        raise
     for param in model.parameters():
         param.requires_grad_(False)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+# --- damaged downloads ---------------------------------------------------------------------------------------
+
+
+def _model_folder(name_or_path: str, revision: str | None) -> Path | None:
+    """The local folder the weights are read from: the folder itself, or the Hub cache's snapshot of the model."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception:  # not a Hub name, or not in the cache: nothing local to look at
+        return None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The weight files transformers reads from `folder` (safetensors first, as it does), and missing shards."""
+    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
+                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError, OSError):
+                return [], [f"{index} (not a valid shard index)"]
+            missing = [f"{folder / s} (missing, though {index_name} lists it)" for s in shards
+                       if not (folder / s).is_file()]
+            return [folder / s for s in shards if (folder / s).is_file()], missing
+        if (folder / single).is_file():
+            return [folder / single], []
+    return [], []
+
+
+def _weight_file_problem(file: Path) -> str | None:
+    """Why `file` cannot be a whole weights file (None if it looks whole): safetensors files are checked against
+    their header's length, PyTorch zip archives for their closing directory (a cut file loses it)."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt"):
+                return None
+        except (SafetensorError, OSError) as err:
+            return str(err)
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(file):
+        return "a zip archive cut short"
+    return None  # a legacy (pre-zip) PyTorch pickle, or a zip that at least ends properly
+
+
+def damaged_weight_files(name_or_path: str, revision: str | None = None) -> list[str]:
+    """The model's weight files that are truncated, unreadable or missing, each as 'path (why)'."""
+    folder = _model_folder(name_or_path, revision)
+    if folder is None:
+        return []
+    files, problems = _weight_files(folder)
+    for file in files:
+        problem = _weight_file_problem(file)
+        if problem is not None:
+            problems.append(f"{file} ({problem})")
+    return problems
+
+
+def _damaged_error(name_or_path: str, revision: str | None, damaged: list[str]) -> UserError:
+    if Path(name_or_path).expanduser().is_dir():
+        fix = "Re-download the model (or copy its folder again) and rerun."
+    else:
+        rev = f" --revision {revision}" if revision else ""
+        fix = f"Re-download it with `hf download {name_or_path}{rev} --force-download` and rerun."
+    return UserError(
+        f"The weights of the model '{name_or_path}' are damaged or incomplete: {'; '.join(damaged)}. An "
+        f"interrupted download or copy leaves files like this. {fix}"
+    )
 
 
 def model_device() -> str:

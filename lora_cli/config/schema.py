@@ -8,7 +8,7 @@ Error wording and did-you-mean suggestions are derived from the schema (validati
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -26,7 +26,31 @@ ALL_LINEAR = "all-linear"
 class _Section(BaseModel):
     # forbid: a misspelt key must be an error, never silently ignored.
     # coerce_numbers_to_str: YAML reads `revision: 1234567` as an int where a string was meant.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    # allow_inf_nan=False: `.inf` or `.nan` (YAML's spellings) is never a usable learning rate, alpha or ratio.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number field, so `lora.r=true` would silently train at rank 1.
+        annotation = cls.model_fields[info.field_name].annotation
+        if is_numeric_list_field(annotation) and isinstance(value, list):
+            if any(isinstance(item, bool) for item in value):
+                raise PydanticCustomError("bool_for_number", "must be a list of numbers, not of true or false")
+        elif isinstance(value, bool) and (is_numeric_field(annotation) or is_numeric_list_field(annotation)):
+            raise PydanticCustomError("bool_for_number", "must be a number, not true or false")
+        return value
+
+
+def is_numeric_field(annotation: Any) -> bool:
+    """Whether a field's type is int or float (or one of them or None)."""
+    members = get_args(annotation) or (annotation,)
+    return any(member in (int, float) for member in members)
+
+
+def is_numeric_list_field(annotation: Any) -> bool:
+    """Whether a field's type is a list of numbers (or None), such as layers_to_transform."""
+    return any(get_origin(member) is list and is_numeric_field(get_args(member)[0]) for member in get_args(annotation))
 
 
 class ModelSection(_Section):

@@ -34,6 +34,9 @@ class DataStats:
     trained_tokens: int  # train tokens whose label is not -100
     num_truncated: int  # examples (train + val) cut to max_length
     num_dropped: int  # rows (train + val) dropped because no token was left to train, e.g. a too long prompt
+    # Of num_dropped, the rows with an empty response (or, in chat, no assistant reply): they would train the
+    # end-of-sequence token alone. The rest had their response cut off by max_length.
+    num_without_response: int = 0
     val_tokens: int = 0
     max_example_length: int = 0  # the longest train example, in tokens
     num_rows: int = 0  # rows loaded (train + val) before dropping

@@ -6,6 +6,7 @@ tokenizer's chat template, as lora-generate renders prompts).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from lora_cli.errors import UserError
@@ -46,10 +47,22 @@ def detect_format(rows: list[dict], source: str) -> str:
     if "text" in fields:
         return "text"
     accepted = "; ".join(f"{fmt}: {' '.join(names)}" for fmt, names in FORMAT_FIELDS.items())
+    hint = _did_you_mean(fields)
     raise UserError(
         f"Cannot tell the format of '{source}': its first row has the fields {sorted(fields)}, which match none "
-        f"of the accepted field sets ({accepted}). Rename the fields to one of these sets."
+        f"of the accepted field sets ({accepted}). Rename the fields to one of these sets"
+        + (f" (did you mean {hint}?)." if hint else ".")
     )
+
+
+_KNOWN_FIELDS = ("messages", "conversations", "instruction", "input", "output", "text")
+
+
+def _did_you_mean(fields) -> str:
+    """"'messages' for 'mesages'" for the fields that look like misspelt known ones ('' if none do)."""
+    pairs = [(difflib.get_close_matches(str(field), _KNOWN_FIELDS, n=1, cutoff=0.75), field) for field in sorted(fields)
+             if field not in _KNOWN_FIELDS]
+    return ", ".join(f"'{close[0]}' for '{field}'" for close, field in pairs if close)
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -67,12 +80,20 @@ class _Rendered:
     trained_spans: list[tuple[int, int]]
     add_special_tokens: bool  # False for chat: the template already wrote the special tokens (BOS etc.)
     is_chat: bool = False
+    # Why the row has nothing to train, before any truncation: NO_REPLY or EMPTY_RESPONSE; None if it has.
+    # Such rows are dropped and counted: trained, they would teach only the end-of-sequence token.
+    untrainable: str | None = None
+
+
+NO_REPLY = "no assistant reply"
+EMPTY_RESPONSE = "empty response"
 
 
 def _render(row: dict, fmt: str, tokenizer, train_on_inputs: bool) -> _Rendered:
     if fmt == "text":
         text = _string_field(row, "text")
-        return _Rendered(text, [(0, len(text))], add_special_tokens=True)
+        return _Rendered(text, [(0, len(text))], add_special_tokens=True,
+                         untrainable=None if text.strip() else EMPTY_RESPONSE)
     if fmt == "alpaca":
         return _render_alpaca(row, train_on_inputs)
     if fmt == "chat":
@@ -93,17 +114,25 @@ def _string_field(row: dict, name: str, optional: bool = False) -> str:
 
 def _render_alpaca(row: dict, train_on_inputs: bool) -> _Rendered:
     prompt = alpaca_prompt(_string_field(row, "instruction"), _string_field(row, "input", optional=True))
-    text = prompt + _string_field(row, "output")
+    output = _string_field(row, "output")
+    text = prompt + output
     response_start = 0 if train_on_inputs else len(prompt)
-    return _Rendered(text, [(response_start, len(text))], add_special_tokens=True)
+    return _Rendered(text, [(response_start, len(text))], add_special_tokens=True,
+                     untrainable=None if output.strip() else EMPTY_RESPONSE)
 
 
 def _chat_messages(row: dict) -> list[dict]:
     """The row's conversation as [{role, content}], from `messages` or ShareGPT-style `conversations`."""
     if "messages" in row:
         key, role_key, content_key, role_names = "messages", "role", "content", {r: r for r in CHAT_ROLES}
-    else:
+    elif "conversations" in row:
         key, role_key, content_key, role_names = "conversations", "from", "value", SHAREGPT_ROLES
+    else:
+        hint = _did_you_mean(row)
+        raise RowError(
+            f"it has neither a 'messages' nor a 'conversations' field, which every chat row needs (its fields: "
+            f"{sorted(row)}" + (f"; did you mean {hint}?)" if hint else ")")
+        )
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
         raise RowError(f"the field '{key}' must be a non-empty list of turns, got {type(turns).__name__}")
@@ -132,19 +161,22 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
 
 def _render_chat(row: dict, tokenizer, train_on_inputs: bool) -> _Rendered:
     messages = _chat_messages(row)
-    # Turns after the last assistant reply teach nothing: drop them so the example ends with a trained turn.
-    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    messages = messages[: last_assistant + 1] or messages
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # An empty reply is not trained: it would teach the model to answer with the end-of-turn token alone.
+    trained = [i for i in replies if messages[i]["content"].strip()]
+    # Turns after the last trained reply teach nothing: drop them so the example ends with a trained turn.
+    if trained:
+        messages = messages[: trained[-1] + 1]
     text = _apply_template(tokenizer, messages)
     spans, cursor = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            span = _assistant_span(tokenizer, messages, i, text, cursor)
-            spans.append(span)
-            cursor = span[1]
+    for i in trained:
+        span = _assistant_span(tokenizer, messages, i, text, cursor)
+        spans.append(span)
+        cursor = span[1]
     if train_on_inputs and spans:  # everything up to the end of the last reply; not the whitespace after it
         spans = [(0, spans[-1][1])]
-    return _Rendered(text, spans, add_special_tokens=False, is_chat=True)
+    untrainable = None if trained else (EMPTY_RESPONSE if replies else NO_REPLY)
+    return _Rendered(text, spans, add_special_tokens=False, is_chat=True, untrainable=untrainable)
 
 
 def _assistant_span(tokenizer, messages: list[dict], i: int, text: str, cursor: int) -> tuple[int, int]:
@@ -155,12 +187,14 @@ def _assistant_span(tokenizer, messages: list[dict], i: int, text: str, cursor: 
     prefix as a prefix of the whole, which nearly all do. The whitespace the template writes after the
     end-of-turn token (ChatML's newline) is not part of the reply and is left untrained.
     """
-    before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
-    through = _apply_template(tokenizer, messages[: i + 1])
-    if text.startswith(before) and text.startswith(through) and cursor <= len(before) <= len(through):
-        start, end = len(before), len(through)
-    else:  # the generation prompt or earlier turns render differently in the whole: find the content itself
-        start, end = _find_content(text, messages[i]["content"], cursor, tokenizer.eos_token)
+    span = None
+    if i > 0:  # a conversation the assistant opens has no prefix to render (templates refuse an empty one)
+        before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _apply_template(tokenizer, messages[: i + 1])
+        if text.startswith(before) and text.startswith(through) and cursor <= len(before) <= len(through):
+            span = len(before), len(through)
+    # Else the generation prompt or earlier turns render differently in the whole: find the content itself.
+    start, end = span or _find_content(text, messages[i]["content"], cursor, tokenizer.eos_token)
     while end > start and text[end - 1].isspace():
         end -= 1
     return start, end

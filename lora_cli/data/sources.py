@@ -87,13 +87,21 @@ def _read_utf8(file: Path) -> str:
         ) from None
 
 
+def _json_loads(text: str) -> Any:
+    """json.loads, with nesting too deep for Python's parser (a RecursionError) reported as invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", text, 0) from None
+
+
 def _parse_jsonl(text: str, file: Path) -> _LoadedRows:
     rows, locations = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _json_loads(line)
         except json.JSONDecodeError as e:
             raise UserError(
                 f"Data file '{file}' line {line_number} is not valid JSON ({e.msg}, column {e.colno}). "
@@ -107,7 +115,7 @@ def _parse_jsonl(text: str, file: Path) -> _LoadedRows:
 
 def _parse_json(text: str, file: Path) -> _LoadedRows:
     try:
-        data = json.loads(text)
+        data = _json_loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file, as `datasets` allows
             return _parse_jsonl(text, file)

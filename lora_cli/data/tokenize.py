@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from lora_cli.errors import UserError
 
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
-from .formats import FORMATS, _render, _Rendered, detect_format
+from .formats import EMPTY_RESPONSE, FORMATS, NO_REPLY, _render, _Rendered, detect_format
 from .sources import _load, _LoadedRows
 
 TOKENIZE_CHUNK = 1000  # rows tokenized per call: fast, but the offsets of 50k long rows at once would use GBs
@@ -64,6 +64,8 @@ def _tokenize_rendered(rendered: list[_Rendered], tokenizer, max_length: int) ->
 
 def _label_tokens(r: _Rendered, ids: list[int], offsets: list, eos_id: int, max_length: int) -> tuple[Example, bool]:
     ids = list(ids)
+    if r.untrainable:  # nothing but an EOS would be trained: leave the row untrained, to be dropped and counted
+        return Example(ids[:max_length], [IGNORE_INDEX] * min(len(ids), max_length)), len(ids) > max_length
     if len(ids) > max_length:  # keep the start: the prompt, and as much of the response as fits. No EOS: cut off.
         ids = ids[:max_length]
         return Example(ids, _labels(ids, offsets[:max_length], r.trained_spans)), True
@@ -150,6 +152,8 @@ def build_datasets(
     _check_tokenizer(tokenizer, fmt)
     counts = _Counts()
     examples = _tokenize_all(loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
+    if not examples:
+        raise UserError(_nothing_left_message(path, len(loaded.rows), counts, fmt, max_length))
     if val_path:
         val_loaded = _load(val_path, split="validation")
         val = _tokenize_all(val_loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
@@ -158,11 +162,6 @@ def build_datasets(
     else:
         train, val = _split_off_validation(examples, val_size, seed, path)
         num_rows = len(loaded.rows)
-    if not train:
-        raise UserError(
-            f"No training examples are left from '{path}': all {len(examples)} had no trainable tokens within "
-            f"max_length={max_length} ({counts.dropped} dropped). Increase max_length, or shorten the prompts."
-        )
     stats = DataStats(
         format=fmt,
         num_train=len(train),
@@ -171,6 +170,7 @@ def build_datasets(
         trained_tokens=sum(e.num_trained for e in train),
         num_truncated=counts.truncated,
         num_dropped=counts.dropped,
+        num_without_response=counts.no_reply + counts.empty,
         val_tokens=sum(len(e) for e in val),
         max_example_length=max(len(e) for e in train),
         num_rows=num_rows,
@@ -182,7 +182,31 @@ def build_datasets(
 @dataclass
 class _Counts:
     truncated: int = 0
-    dropped: int = 0
+    no_reply: int = 0  # chat rows without an assistant turn
+    empty: int = 0  # rows whose response is empty (chat: every assistant reply)
+    cut_off: int = 0  # rows whose response lies wholly beyond max_length
+
+    @property
+    def dropped(self) -> int:
+        return self.no_reply + self.empty + self.cut_off
+
+
+def _nothing_left_message(path: str, num_rows: int, counts: _Counts, fmt: str, max_length: int) -> str:
+    empty = {"text": "are empty", "alpaca": "have an empty output"}.get(fmt, "have only empty assistant replies")
+    reasons, fixes = [], []
+    if counts.no_reply:
+        reasons.append(f"{counts.no_reply} have no assistant reply to train on")
+        fixes.append("give each conversation at least one assistant message (role \"assistant\", or \"gpt\" in "
+                     "ShareGPT conversations) after the prompt")
+    if counts.empty:
+        reasons.append(f"{counts.empty} {empty}")
+        fixes.append("fill in the texts" if fmt == "text" else "fill in the responses")
+    if counts.cut_off:
+        reasons.append(f"{counts.cut_off} have a prompt that fills data.max_length={max_length}, leaving no "
+                       "response token")
+        fixes.append("increase data.max_length or shorten the prompts")
+    return (f"No training examples are left from '{path}': of its {num_rows} rows, {', '.join(reasons)}. "
+            f"To train, {'; '.join(fixes)}.")
 
 
 def _tokenize_all(loaded: _LoadedRows, fmt, tokenizer, max_length, train_on_inputs, counts: _Counts) -> list[Example]:
@@ -193,8 +217,13 @@ def _tokenize_all(loaded: _LoadedRows, fmt, tokenizer, max_length, train_on_inpu
         for row_index, (example, truncated) in zip(chunk, _tokenize_rendered(rendered, tokenizer, max_length)):
             example.row_index = row_index
             counts.truncated += truncated
-            if example.num_trained == 0:  # nothing to learn from, e.g. the prompt alone fills max_length
-                counts.dropped += 1
+            reason = rendered[row_index - chunk_start].untrainable
+            if reason == NO_REPLY:
+                counts.no_reply += 1
+            elif reason == EMPTY_RESPONSE:
+                counts.empty += 1
+            elif example.num_trained == 0:  # the prompt alone fills max_length
+                counts.cut_off += 1
             else:
                 examples.append(example)
     return examples
