@@ -95,7 +95,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     say = _printer(main)
     plan, lock = _plan(cfg, out, dry_run, main, say, accelerator, cleanup)
     if plan.finished:
-        say(plan.finished)
+        say(plan.finished, markup=False)
         return None
     world = accelerator.num_processes
     say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))

@@ -61,12 +61,12 @@ def print_data_summary(bundle) -> None:
     )
     if s.num_truncated:
         console.print(f"[yellow]{s.num_truncated} examples were longer than data.max_length and were truncated.")
-    dropped = s.num_dropped
-    if dropped:
-        console.print(
-            f"[yellow]{dropped} examples had no trained tokens (no response, or none left after truncation) and "
-            "were dropped."
-        )
+    empty, cut = s.num_without_response, s.num_dropped - s.num_without_response
+    if empty:
+        console.print(f"[yellow]{empty} examples had an empty response (or no assistant reply) and were dropped.")
+    if cut:
+        console.print(f"[yellow]{cut} examples had no trained tokens left after truncation to data.max_length and "
+                      "were dropped.")
 
 
 def print_dry_run(cfg: Config, tokenizer, bundle) -> None:
