@@ -162,6 +162,11 @@ def test_explicit_checkpoint_path(tmp_path, trainable_model_dir):
     cfg = load_config(config, [f"train.output_dir={cut}", f"train.resume_from_checkpoint={cut / 'checkpoint-2'}"])
     train(cfg, quiet=True)
     assert weights(cut) == weights(tmp_path / "out")
+    train(load_config(config, [f"train.output_dir={tmp_path / 'other'}", "train.max_steps=1"]), quiet=True)
+    elsewhere = load_config(config, [f"train.output_dir={tmp_path / 'other'}",
+                                     f"train.resume_from_checkpoint={cut / 'checkpoint-2'}"])
+    with pytest.raises(UserError, match="holds another run's files"):  # another run's finished adapter
+        train(elsewhere, quiet=True)
     bad = load_config(config, [f"train.output_dir={tmp_path / 'x'}", f"train.resume_from_checkpoint={tmp_path}"])
     with pytest.raises(UserError, match="cannot be resumed from"):
         train(bad, quiet=True)

@@ -44,7 +44,9 @@ def plan_start(cfg: Config, log: Callable[[str], None]) -> StartPlan:
     out = Path(t.output_dir)
     mode = t.resume_from_checkpoint
     if mode is not None and mode != "auto":
-        return StartPlan(checkpoint=_explicit_checkpoint(Path(mode), cfg))
+        checkpoint = _explicit_checkpoint(Path(mode), cfg)
+        _refuse_other_runs(out, cfg, checkpoint.run_id)
+        return StartPlan(checkpoint=checkpoint)
     newest = newest_resumable(out)
     if mode == "auto":
         if _finished(out, cfg, newest):
@@ -79,6 +81,19 @@ def _refuse_finished_result(out: Path, cfg: Config) -> None:
         raise UserError(
             f"train.output_dir '{out}' already holds a trained adapter. Choose another train.output_dir, or set "
             "train.overwrite_output_dir=true to replace it."
+        )
+
+
+def _refuse_other_runs(out: Path, cfg: Config, run_id: str) -> None:
+    """Resuming from a checkpoint elsewhere must not mix this run into another run's output_dir."""
+    state = result_state(out) if has_result(out) else None
+    others = [c.path.name for c in list_checkpoints(out) if c.run_id != run_id]
+    if has_result(out) and (state or {}).get("run_id") != run_id:
+        others.append("a trained adapter")
+    if others and not cfg.train.overwrite_output_dir:
+        raise UserError(
+            f"train.output_dir '{out}' holds another run's files ({', '.join(others)}). Resume into the checkpoint's "
+            "own output_dir, choose an empty one, or set train.overwrite_output_dir=true to replace them."
         )
 
 
