@@ -125,12 +125,32 @@ def check_packing_supported(model, device) -> None:
         error = (packed.float() - alone.float()).abs().max().item() / (1.0 + alone.float().abs().max().item())
     finally:
         model.train(was_training)
-    if not error <= tolerance:  # also catches NaN
+    if not torch.isfinite(alone).all():
+        # Not a packing problem: the example alone, unpacked, already gives inf/NaN.
+        raise UserError(_non_finite_message(alone.dtype))
+    if not error <= tolerance:
         raise UserError(
             f"data.packing is not supported for this model ({getattr(model.config, 'model_type', '?')} with "
             f"{getattr(model.config, '_attn_implementation', '?')} attention): packed examples would attend to each "
             "other. Set data.packing=false; batches then group examples of similar length, which avoids most padding."
         )
+
+
+def _non_finite_message(dtype: torch.dtype) -> str:
+    where = "its hidden states for a short example, unpacked (the packing check before training), hold inf or NaN"
+    if dtype == torch.float16:
+        return (
+            f"The model overflows float16: {where}, because some activations exceed float16's largest value (65504). "
+            "This is not a packing problem, and data.packing=false does not avoid it: training runs the same float16 "
+            "layers. Use train.precision=bf16 on a GPU that has bf16 (compute capability 8.0 or newer, e.g. A100, "
+            "RTX 30xx/40xx), or train.precision=fp32 with model.dtype auto or float32 (slower, and the base weights "
+            "take twice the memory); a T4 has no bf16, so there it is fp32."
+        )
+    return (
+        f"The model gives non-finite values in {str(dtype).replace('torch.', '')}: {where}, so its weights are "
+        "probably corrupt or hold inf/NaN. This is not a packing problem; check the model files (training fails the "
+        "same way with data.packing=false)."
+    )
 
 
 def _decoder_states(model, batch: dict, device) -> torch.Tensor:
