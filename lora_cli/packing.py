@@ -69,6 +69,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    if gqa and not _native_gqa(query):
+        repeats = query.shape[1] // key.shape[1]  # query head h reads k/v head h // repeats, as enable_gqa does
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        gqa = False
     rows = []
     for b, row in enumerate(segments):
         parts = [
@@ -80,6 +84,22 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _native_gqa(query: torch.Tensor) -> bool:
+    """Whether sdpa can take grouped-query k/v as they are (enable_gqa) without falling back to its math kernel.
+
+    On CUDA only the flash kernel accepts enable_gqa (PyTorch issue 139586); where flash cannot run (compute
+    capability below 8.0, e.g. a T4; fp32; head size above 256; flash disabled) sdpa would take the math kernel,
+    which materialises each example's (heads x L x L) scores. Repeating k and v per query head instead keeps the
+    memory-efficient kernel available. On CPU enable_gqa is used as it is.
+    """
+    if query.device.type != "cuda":
+        return True
+    return (
+        torch.backends.cuda.flash_sdp_enabled() and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
 
 
 def _register() -> None:

@@ -129,6 +129,38 @@ def test_packing_check_reports_an_fp16_overflow_as_such(overflowing_model_dir):
     check_packing_supported(fp32, "cpu")
 
 
+def test_packed_attention_without_native_grouped_query_support_repeats_k_and_v(monkeypatch):
+    """On a T4 sdpa's enable_gqa would force its math kernel (flash, the only kernel that takes it, needs compute
+    capability 8.0): the packed attention then repeats k/v per query head. Same losses and gradients as unpacked."""
+    import lora_cli.packing as packing
+    from lora_cli import data
+    from test_packing import examples, loss_and_grads
+    from test_losses import lora_model
+
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        seen.append((query.shape[1], key.shape[1], kwargs.get("enable_gqa", False)))
+        return real_sdpa(query, key, value, *args, **kwargs)
+
+    assert packing._native_gqa(torch.zeros(1, 4, 2, 8))  # CPU: enable_gqa as it is
+    monkeypatch.setattr(packing, "_native_gqa", lambda query: False)
+    monkeypatch.setattr(packing.F, "scaled_dot_product_attention", sdpa)
+    model = lora_model("llama")  # 4 query heads, 2 k/v heads
+    exs = examples([9, 5, 12, 7, 3])
+    expected, expected_n, expected_grads = loss_and_grads(model, data.collate(exs, pad_token_id=3))
+    packed = data.collate_packed([[exs[0], exs[1], exs[2]], [exs[3], exs[4]]], pad_token_id=3)
+    with packing.packed_attention(model, "cpu"):
+        seen.clear()
+        got, got_n, got_grads = loss_and_grads(model, packed)
+    assert seen and set(seen) == {(4, 4, False)}  # k/v repeated to the query heads, no enable_gqa
+    assert got_n == expected_n
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 # --- the real training entry point under emulated fp16 AMP -----------------------------------------------------
 
 
