@@ -29,7 +29,8 @@ T4_CAPABILITY = (7, 5)
 DEFAULT_INIT_SCALE = 2.0**16  # GradScaler's own default, what a T4 run starts with
 
 
-def _reset_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so the next Accelerator may choose another mixed precision."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -38,12 +39,13 @@ def _reset_accelerate_state() -> None:
 
 @contextlib.contextmanager
 def scaler_init_scale(init_scale: float):
-    """Give the GradScaler Accelerate builds (on a real GPU, or under `emulated_fp16`) another initial scale.
-
-    The product never sets one (GradScaler's default 2**16); a huge one makes the first steps overflow on purpose.
+    """Give the GradScaler Accelerate builds on a real GPU another initial scale (the product never sets one:
+    GradScaler's default 2**16); a huge one makes the first steps overflow on purpose. Yields a dict collecting
+    every Accelerator built inside under "accelerators". (Under `emulated_fp16`, pass its own init_scale instead.)
     """
     from accelerate import Accelerator
 
+    seen: dict = {"accelerators": []}
     original = Accelerator.__init__
 
     @functools.wraps(original)
@@ -51,10 +53,11 @@ def scaler_init_scale(init_scale: float):
         original(self, *args, **kwargs)
         if self.scaler is not None:
             self.scaler = type(self.scaler)(self.device.type, init_scale=init_scale)
+        seen["accelerators"].append(self)
 
     Accelerator.__init__ = patched
     try:
-        yield
+        yield seen
     finally:
         Accelerator.__init__ = original
 
@@ -82,7 +85,7 @@ def emulated_fp16(init_scale: float = DEFAULT_INIT_SCALE):
             self.scaler = torch.amp.GradScaler("cpu", **{**handler, "init_scale": init_scale})
         seen["accelerators"].append(self)
 
-    _reset_accelerate_state()
+    reset_accelerate_state()
     Accelerator.__init__ = patched_init
     models._cuda_capability = lambda: T4_CAPABILITY
     try:
@@ -90,7 +93,7 @@ def emulated_fp16(init_scale: float = DEFAULT_INIT_SCALE):
     finally:
         Accelerator.__init__ = original_init
         models._cuda_capability = original_capability
-        _reset_accelerate_state()
+        reset_accelerate_state()
 
 
 def save_edited_model(path, edit, arch: str = "llama", **save_kwargs):
