@@ -141,9 +141,9 @@ def non_finite_logits_message(model) -> str:
     bad_lora = [name for name, p in model.named_parameters() if "lora_" in name and not torch.isfinite(p).all()]
     if bad_lora:
         return (
-            f"The adapter is corrupt: its tensor {bad_lora[0]} ({len(bad_lora)} in all) holds NaN or inf, so the "
-            "model's next-token scores are NaN. Its training probably diverged (check the training loss); retrain "
-            "it, or use an earlier checkpoint folder."
+            f"The adapter is corrupt: its tensor base_model.model.{bad_lora[0]} ({len(bad_lora)} in all) holds NaN "
+            "or inf, so the model's next-token scores are NaN. Its training probably diverged (check the training "
+            "loss); retrain it, or use an earlier checkpoint folder."
         )
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:

@@ -99,7 +99,7 @@ def test_nan_adapter_is_reported_as_corrupt(nan_adapter, decoding):
     base, adapter = nan_adapter
     result = run(base, "--adapter", adapter, "--prompt", "hello", *decoding)
     assert_error(result, "adapter", "NaN")
-    assert "corrupt" in result.output
+    assert "corrupt" in result.output and "base_model.model.model.layers." in result.output  # the file's name
 
 
 def test_non_finite_logits_stop_the_library_call(overflowing_model_dir):
