@@ -157,6 +157,10 @@ def generate_command(
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Send the raw text, no chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message put before the conversation."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write results as JSONL to this file."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto | float16 | bfloat16 | float32. auto: bfloat16 on GPUs of compute capability "
+        "8.0+, float16 on older ones (T4), float32 on CPU. float32 is the way out of a float16 overflow."
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -176,10 +180,11 @@ def generate_command(
     )
     prompts = gen.read_prompt_file(prompt_file) if prompt_file is not None else None
     gen.check_output_file(output)
+    gen.generation_dtype(dtype, "cpu")  # only to validate --dtype before the (slow) model load
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    lm, tokenizer = gen.load_for_generation(model, adapter, merge, revision=revision,
+    lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,
                                             trust_remote_code=trust_remote_code, log=status)
-    with open(output, "w", encoding="utf-8") if output is not None else contextlib.nullcontext() as out_file:
+    with gen.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
         record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
         if chat:
             gen.chat_session(lm, tokenizer, sys.stdin, system=system, on_turn=record, **options)

@@ -7,18 +7,19 @@ The quickstart calls `load_for_generation` and `generate_text` directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import torch
 
 from .errors import UserError
 from .loading import ModelSource, load_model
-from .models import base_dtype, choose_precision, model_device
+from .models import DTYPES, base_dtype, choose_precision, model_device
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -56,24 +57,37 @@ class SamplingSettings:
 # --- loading -------------------------------------------------------------------------------------------------
 
 
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def generation_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """--dtype: auto (or None) is bf16 on GPUs of compute capability >= 8, fp16 below (a T4), fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return base_dtype("auto", choose_precision("auto")) if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got '{dtype}').")
+    return DTYPES[dtype]
+
+
 def load_for_generation(
     model: str,
     adapter: str | Path | None = None,
     merge: bool = False,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
 ):
-    """(model, tokenizer) ready to generate: on CUDA if available (bf16 on compute capability >= 8, fp16 below),
-    else CPU fp32. With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
+    """(model, tokenizer) ready to generate: on CUDA if available, else CPU, in `dtype` (see `generation_dtype`).
+    With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
     device = device or model_device()
-    if dtype is None:
-        dtype = base_dtype("auto", choose_precision("auto")) if device.startswith("cuda") else torch.float32
+    dtype = generation_dtype(dtype, device)
     loaded = load_model(ModelSource(model, revision, trust_remote_code), dtype=dtype, device=device,
-                        adapter_dir=adapter, merge=merge, log=log)
+                        adapter_dir=adapter, merge=merge, log=log, what="MODEL")
     return loaded.model.eval(), loaded.tokenizer
 
 
@@ -106,6 +120,52 @@ def render_prompt(
     return RAW_TURN_SEPARATOR.join(m["content"] for m in messages), True
 
 
+class NonFiniteLogits(Exception):
+    """Raised inside model.generate by `_FiniteScores`; generate_text turns it into a UserError."""
+
+
+class _FiniteScores:
+    """A logits processor (generate runs it last, on the scores the next token is picked from) that stops
+    generation when they hold NaN or +inf, or no finite value: greedy decoding would then emit garbage (argmax of
+    NaN) and sampling would crash ("probability tensor contains either inf, nan or element < 0"). -inf alone is
+    normal: top-k and top-p mask tokens with it."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any() or torch.isneginf(scores).all(dim=-1).any():
+            raise NonFiniteLogits
+        return scores
+
+
+def non_finite_logits_message(model) -> str:
+    """Why the next-token scores went NaN/inf, judged from the weights and the dtype, and what to do."""
+    bad_lora = [name for name, p in model.named_parameters() if "lora_" in name and not torch.isfinite(p).all()]
+    if bad_lora:
+        return (
+            f"The adapter is corrupt: its tensor base_model.model.{bad_lora[0]} ({len(bad_lora)} in all) holds NaN "
+            "or inf, so the model's next-token scores are NaN. Its training probably diverged (check the training "
+            "loss); retrain it, or use an earlier checkpoint folder."
+        )
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return (
+            f"The model's weights hold NaN or inf ({bad[0]}, {len(bad)} tensors in all), so its next-token scores "
+            "are NaN: the model files are corrupt (or were merged from a diverged adapter)."
+        )
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype == torch.float16:
+        return (
+            "The model overflowed float16 while generating: its next-token scores became NaN or inf (some "
+            "activation exceeded float16's largest value, 65504). Rerun with --dtype float32 (twice the memory), or "
+            "--dtype bfloat16 on a GPU of compute capability 8.0 or newer (a T4 has no bfloat16: use float32 there)."
+        )
+    if dtype == torch.bfloat16:
+        return "The model's next-token scores became NaN or inf in bfloat16. Rerun with --dtype float32."
+    return (
+        "The model's next-token scores became NaN or inf, even in float32, with finite weights: the model (or the "
+        "adapter's update) is numerically broken, e.g. by a diverged training run."
+    )
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -134,9 +194,10 @@ def generate_text(
     """Generate an answer to `prompt` (a string, or a list of {"role", "content"} messages) and return it.
 
     temperature 0 is greedy decoding. Generation stops at eos (the tokenizer's and the generation config's) or
-    after max_new_tokens. With `stream`, the answer is printed to stdout as it is generated.
+    after max_new_tokens. With `stream`, the answer is printed to stdout as it is generated. Non-finite next-token
+    scores (an fp16 overflow, a corrupt adapter) stop it with a UserError that says which and what to do.
     """
-    from transformers import TextStreamer
+    from transformers import LogitsProcessorList, TextStreamer
 
     settings = SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed).validate()
     text, add_special_tokens = render_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
@@ -159,7 +220,14 @@ def generate_text(
 
         set_seed(settings.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+    try:
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                logits_processor=LogitsProcessorList([_FiniteScores()]), **kwargs)
+    except NonFiniteLogits:
+        if stream:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise UserError(non_finite_logits_message(model)) from None
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -210,8 +278,29 @@ def check_output_file(path: str | Path | None) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"--output {path}: folder {parent} does not exist (or is not a folder).")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    # An existing file is overwritten in place (its folder's permissions do not matter); a new one is created.
+    if not os.access(path if path.exists() else parent, os.W_OK):
         raise UserError(f"--output {path} is not writable; choose another path.")
+
+
+@contextlib.contextmanager
+def open_output(path: str | Path) -> Iterator[TextIO]:
+    """--output opened for writing, as a context; an OS refusal (permissions, a read-only or full disk) at open,
+    write or close is a UserError."""
+    try:
+        out = open(path, "w", encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"Cannot write --output {path}: {err.strerror or err}. Choose another path.") from None
+    try:
+        yield out
+    except BaseException:
+        with contextlib.suppress(OSError):  # closing retries a failed flush; the error in flight says more
+            out.close()
+        raise
+    try:
+        out.close()
+    except OSError as err:
+        raise _write_error(path, err) from None
 
 
 def run_prompts(
@@ -228,9 +317,19 @@ def run_prompts(
 def write_record(out: TextIO, prompt: str, response: str) -> dict:
     """One JSONL line {"prompt", "response"}, flushed so partial results survive an interruption."""
     record = {"prompt": prompt, "response": response}
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out.flush()
+    try:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+    except OSError as err:  # a full disk shows up here, at the flush
+        raise _write_error(getattr(out, "name", "the output"), err) from None
     return record
+
+
+def _write_error(name, err: OSError) -> UserError:
+    return UserError(
+        f"Writing the answers to {name} failed: {err.strerror or err}. The lines before this answer are complete; "
+        "free some space (or choose another --output) and rerun."
+    )
 
 
 def chat_session(

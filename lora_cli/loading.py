@@ -15,7 +15,7 @@ import torch
 from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
-from .models import load_base_model, load_tokenizer
+from .models import _check_source, load_base_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,11 @@ def load_model(
     adapter_dir: str | Path | None = None,
     merge: bool = False,
     log: Callable[[str], None] | None = None,
+    what: str = "model.name_or_path",
 ) -> LoadedModel:
     """The tokenizer and the frozen base in `dtype` on `device`, with the adapter's LoRA layers applied (unmerged,
-    or folded into the weights when `merge`). A missing or broken adapter fails before the (slow) model load."""
+    or folded into the weights when `merge`). A missing or broken adapter fails before the (slow) model load.
+    `what`: how errors name the model source to the user (lora-generate's argument is MODEL)."""
     log = log or (lambda message: None)
     if merge and adapter_dir is None:
         raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
@@ -65,6 +67,7 @@ def load_model(
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
         adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
+    _check_source(source.name_or_path, what)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
     where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}"
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")

@@ -246,9 +246,10 @@ class _FusedLoraLinear(torch.autograd.Function):
     The plain composition (`result + lora_B(lora_A(x)) * s`) makes two full (tokens x out) temporaries in forward
     (B's output and its scaled copy) and, in backward, a scaled copy of the incoming gradient plus a separate
     (tokens x in) gradient for each branch that autograd then adds. Here the LoRA term is accumulated into the base
-    output by one in-place addmm, the scale is applied to the small (tokens x r) and (out x r) products, and the
-    LoRA input gradient is accumulated into the base input gradient by another addmm. Saved for backward: the LoRA
-    input (which lora_A's gradient needs in either form) and A x (tokens x r).
+    output by one in-place addmm, the scale is applied to the small (tokens x r) A x and (out x r) B before they
+    enter a product (in fp16 with s < 1, scaling a product afterwards overflows where the plain path does not), and
+    the LoRA input gradient is accumulated into the base input gradient by another addmm. Saved for backward: the
+    LoRA input (which lora_A's gradient needs in either form) and s A x (tokens x r).
 
     `lora_x` is None when the LoRA branch sees x itself (no dropout); `fan_in_fan_out`: W stored as (in, out).
     """
@@ -259,21 +260,25 @@ class _FusedLoraLinear(torch.autograd.Function):
         lora_rows = rows if lora_x is None else lora_x.reshape(-1, x.shape[-1])
         w = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.mm(rows, w) if bias is None else torch.addmm(bias, rows, w)
-        a = torch.mm(lora_rows, lora_A.t())  # (tokens, r)
-        out.addmm_(a, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(lora_rows, a, weight, lora_A, lora_B)
+        # s A x: scaled while it is the small (tokens x r) tensor, so no product below is ever larger than the
+        # scaled result (in fp16, an unscaled product overflows first when s < 1).
+        scaled_a = torch.mm(lora_rows, lora_A.t()).mul_(scaling)
+        out.addmm_(scaled_a, lora_B.t())
+        ctx.save_for_backward(lora_rows, scaled_a, weight, lora_A, lora_B)
         ctx.scaling, ctx.fan_in_fan_out, ctx.separate_lora_x = scaling, fan_in_fan_out, lora_x is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        lora_rows, a, weight, lora_A, lora_B = ctx.saved_tensors
+        lora_rows, scaled_a, weight, lora_A, lora_B = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, need_lora_x, _, _, need_A, need_B = ctx.needs_input_grad[:6]
         grad_x = grad_lora_x = grad_A = grad_B = None
         if need_B:
-            grad_B = torch.mm(g.t(), a).mul_(ctx.scaling)  # (out, r)
-        g_a = torch.mm(g, lora_B).mul_(ctx.scaling)  # d loss / d (A x): (tokens, r)
+            grad_B = torch.mm(g.t(), scaled_a)  # (out, r)
+        # d loss / d (A x) = s g B: (tokens, r), with s applied to the small (out x r) B before the product, for the
+        # same reason as in forward (the scaled loss's gradients sit near the top of fp16's range).
+        g_a = torch.mm(g, lora_B * ctx.scaling)
         if need_A:
             grad_A = torch.mm(g_a.t(), lora_rows)  # (r, in)
         shape = grad_out.shape[:-1] + (lora_A.shape[1],)

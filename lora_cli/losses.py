@@ -151,9 +151,18 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                     else:
                         rows_out.copy_(probs.to(mm_dtype) @ weight)
         ctx.save_for_backward(grad_hidden)
+        ctx.rows = rows
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        if grad_hidden.dtype == torch.float32:
+            return grad_hidden * grad_total, None, None, None, None
+        # Under fp16 AMP grad_total is the loss scale over the trained tokens (2^16 / 1 token is already more than
+        # fp16's largest value, 65504) while its product with grad_hidden is not: multiply in fp32 and cast the
+        # product, a chunk of rows at a time so the fp32 copy stays small.
+        grad = torch.empty_like(grad_hidden)
+        for start in range(0, grad_hidden.shape[0], ctx.rows):
+            grad[start : start + ctx.rows] = grad_hidden[start : start + ctx.rows].float() * grad_total
+        return grad, None, None, None, None

@@ -6,6 +6,8 @@ lora-train, lora-merge and lora-generate all load through here, so they see the 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +151,28 @@ def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:
     return UserError(f"Could not load {what} '{name_or_path}': {first_line}. {advice}")
 
 
+def _unpickling_error(name_or_path: str, err: Exception) -> UserError:
+    """torch.load(weights_only=True) refused a pytorch_model*.bin: it pickles more than tensors."""
+    folder = Path(name_or_path).expanduser()
+    files = sorted(str(f) for f in folder.glob("*.bin")) if folder.is_dir() else []
+    named = ", ".join(files) if files else f"the pytorch_model*.bin of '{name_or_path}'"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    reason = f" (it holds a pickled {found.group(1)})" if found else ""
+    source = files[0] if files else "pytorch_model.bin"
+    target = str(Path(source).with_name("model.safetensors"))
+    convert = (
+        f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{source}', "
+        f"weights_only=False); save_file({{k: v.clone().contiguous() for k, v in sd.items() if isinstance(v, "
+        f"torch.Tensor)}}, '{target}', metadata={{'format': 'pt'}})\""
+    )
+    return UserError(
+        f"Could not load the model '{name_or_path}': torch refused to unpickle its checkpoint {named} with "
+        f"weights_only=True{reason}, because unpickling anything but tensors can run code. Use a copy of the model "
+        "that ships safetensors, or, if you trust the file, convert it to model.safetensors once (transformers "
+        f"prefers that to the .bin; a sharded checkpoint needs each shard converted and an index): {convert}"
+    )
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed (falls back to eos, as most chat models expect)."""
     from transformers import AutoTokenizer
@@ -181,6 +205,8 @@ def load_base_model(
             name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
         )
     except Exception as err:  # what transformers raises for a damaged file varies: look at the files themselves
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise _unpickling_error(name_or_path, err) from None
         damaged = damaged_weight_files(name_or_path, revision)
         if damaged:
             raise _damaged_error(name_or_path, revision, damaged) from None

@@ -69,6 +69,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    if gqa and not _native_gqa(query):
+        repeats = query.shape[1] // key.shape[1]  # query head h reads k/v head h // repeats, as enable_gqa does
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        gqa = False
     rows = []
     for b, row in enumerate(segments):
         parts = [
@@ -80,6 +84,22 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _native_gqa(query: torch.Tensor) -> bool:
+    """Whether sdpa can take grouped-query k/v as they are (enable_gqa) without falling back to its math kernel.
+
+    On CUDA only the flash kernel accepts enable_gqa (PyTorch issue 139586); where flash cannot run (compute
+    capability below 8.0, e.g. a T4; fp32; head size above 256; flash disabled) sdpa would take the math kernel,
+    which materialises each example's (heads x L x L) scores. Repeating k and v per query head instead keeps the
+    memory-efficient kernel available. On CPU enable_gqa is used as it is.
+    """
+    if query.device.type != "cuda":
+        return True
+    return (
+        torch.backends.cuda.flash_sdp_enabled() and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
 
 
 def _register() -> None:
@@ -125,12 +145,32 @@ def check_packing_supported(model, device) -> None:
         error = (packed.float() - alone.float()).abs().max().item() / (1.0 + alone.float().abs().max().item())
     finally:
         model.train(was_training)
-    if not error <= tolerance:  # also catches NaN
+    if not torch.isfinite(alone).all():
+        # Not a packing problem: the example alone, unpacked, already gives inf/NaN.
+        raise UserError(_non_finite_message(alone.dtype))
+    if not error <= tolerance:
         raise UserError(
             f"data.packing is not supported for this model ({getattr(model.config, 'model_type', '?')} with "
             f"{getattr(model.config, '_attn_implementation', '?')} attention): packed examples would attend to each "
             "other. Set data.packing=false; batches then group examples of similar length, which avoids most padding."
         )
+
+
+def _non_finite_message(dtype: torch.dtype) -> str:
+    where = "its hidden states for a short example, unpacked (the packing check before training), hold inf or NaN"
+    if dtype == torch.float16:
+        return (
+            f"The model overflows float16: {where}, because some activations exceed float16's largest value (65504). "
+            "This is not a packing problem, and data.packing=false does not avoid it: training runs the same float16 "
+            "layers. Use train.precision=bf16 on a GPU that has bf16 (compute capability 8.0 or newer, e.g. A100, "
+            "RTX 30xx/40xx), or train.precision=fp32 with model.dtype auto or float32 (slower, and the base weights "
+            "take twice the memory); a T4 has no bf16, so there it is fp32."
+        )
+    return (
+        f"The model gives non-finite values in {str(dtype).replace('torch.', '')}: {where}, so its weights are "
+        "probably corrupt or hold inf/NaN. This is not a packing problem; check the model files (training fails the "
+        "same way with data.packing=false)."
+    )
 
 
 def _decoder_states(model, batch: dict, device) -> torch.Tensor:

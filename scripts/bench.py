@@ -10,7 +10,7 @@ Each run is its own subprocess (so peak memory is the run's own), runs alternate
 (A B A B ...), and the table shows the median over repeats. Both tools train the same tokenized examples with the
 same LoRA rank, alpha, targets, micro batch, sequence length, steps, learning-rate schedule, clipping and
 precision (fp32 on CPU). Measured are the steps after `--warmup` steps, from the end of one optimizer step to the end
-of another (a global optimizer-step hook, identical for both tools):
+of another (Accelerate's optimizer step, which both tools call, whether fp16's loss scaler applies or skips it):
 
 * examples/s and tokens/s counting only non-padding tokens (every non-padding token is trained in both tools:
   lora-cli runs with data.train_on_inputs=true to match DataCollatorForLanguageModeling, which trains everything);
@@ -215,25 +215,63 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
 
 
 class StepClock:
-    """End time of every optimizer step (a global hook, so both tools are timed identically). On CPU it also
-    profiles the allocations of one extra step after the timed ones (`profile_after`), for the live-memory peak."""
+    """End time of every optimizer step, applied or skipped, with the number of batches collated by then.
 
-    def __init__(self, profile_after: int | None = None):
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+    It wraps Accelerate's AcceleratedOptimizer.step, which both tools call once per optimizer step (lora-cli's loop
+    and Trainer prepare their optimizer with Accelerate), so both are timed identically. A global optimizer-step hook
+    would miss the steps that fp16's loss scaler skips (it never calls the optimizer's step then), and the timings
+    would no longer line up with the batches. Pairing each end with the batch count also keeps any window that
+    makes no optimizer step (lora-cli skips one with a non-finite loss) inside the measured interval it took time
+    in. On CPU it also profiles the allocations of one extra step after the timed ones (`profile_after`), for the
+    live-memory peak. Use it as a context manager: the wrapper is removed on exit.
+    """
 
+    def __init__(self, batches: list, profile_after: int | None = None):
+        self.batches = batches
         self.ends: list[float] = []
+        self.batches_at_end: list[int] = []
+        self.skipped: list[bool] = []
         self.profile_after = profile_after
         self.profiler = None
         self.live_peak_mb: float | None = None
         self.peak_rss_before_profiling_mb: float | None = None
-        register_optimizer_step_post_hook(lambda *a, **k: self._tick())
+        self._restore = None
 
-    def _tick(self):
+    def __enter__(self) -> "StepClock":
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        original = AcceleratedOptimizer.step
+        clock = self
+
+        def step(optimizer, *args, **kwargs):
+            scaler = optimizer.scaler
+            scale = scaler.get_scale() if scaler is not None else None
+            result = original(optimizer, *args, **kwargs)
+            if optimizer.gradient_state.sync_gradients:  # a real step, not an accumulation micro batch
+                # The scaler backs its scale off exactly when it found inf/NaN gradients and skipped the update.
+                # (Accelerate's step_was_skipped misses that with a fused AdamW, Trainer's default: GradScaler then
+                # calls its step, which skips inside the kernel.)
+                clock._tick(skipped=scale is not None and scaler.get_scale() < scale)
+            return result
+
+        AcceleratedOptimizer.step = step
+        self._restore = lambda: setattr(AcceleratedOptimizer, "step", original)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+    def _tick(self, skipped: bool):
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
+        self.batches_at_end.append(len(self.batches))
+        self.skipped.append(skipped)
         if self.profile_after is None:
             return
         if len(self.ends) == self.profile_after:
@@ -247,6 +285,20 @@ class StepClock:
             self.profiler.stop()
             self.live_peak_mb = _allocated_peak_mb(self.profiler)
             self.profiler = None
+
+    def measured(self, warmup: int, steps: int) -> dict:
+        """Seconds, batches and skipped steps of optimizer steps warmup+1 .. warmup+steps (counted from 1)."""
+        w, s = warmup, steps
+        if len(self.ends) < w + s:
+            raise SystemExit(f"only {len(self.ends)} optimizer steps were seen; expected {w + s}")
+        first, last = self.batches_at_end[w - 1], self.batches_at_end[w + s - 1]
+        return {
+            "seconds": self.ends[w + s - 1] - self.ends[w - 1],
+            "batches": self.batches[first:last],
+            "step_seconds": [b - a for a, b in zip(self.ends[w - 1 : w + s - 1], self.ends[w : w + s])],
+            "skipped_steps": sum(self.skipped[w : w + s]),
+            "skipped_before": sum(self.skipped[:w]),
+        }
 
 
 def _allocated_peak_mb(profiler) -> float:
@@ -374,17 +426,14 @@ def run_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rss_start = _rss_mb()
-    clock = StepClock(profile_after=args.warmup + args.steps if _profiles_memory() else None)
     batches: list[tuple[int, int, int]] = []
-    {"lora-cli": child_lora_cli, "peft": child_peft}[args.child](args, batches)
-    w, s = args.warmup, args.steps
-    if len(clock.ends) < w + s or len(batches) < w + s:
-        raise SystemExit(f"only {len(clock.ends)} steps / {len(batches)} batches were seen; expected {w + s}")
-    seconds = clock.ends[w + s - 1] - clock.ends[w - 1]
-    measured = batches[w : w + s]
+    with StepClock(batches, profile_after=args.warmup + args.steps if _profiles_memory() else None) as clock:
+        {"lora-cli": child_lora_cli, "peft": child_peft}[args.child](args, batches)
+    timed = clock.measured(args.warmup, args.steps)
+    measured = timed["batches"]
     result = {
         "tool": args.child,
-        "seconds": seconds,
+        "seconds": timed["seconds"],
         "examples": sum(b[0] for b in measured),
         "tokens": sum(b[1] for b in measured),
         "padded_tokens": sum(b[2] for b in measured),
@@ -392,7 +441,10 @@ def run_child(args) -> None:
         "rss_start_mb": rss_start,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "live_step_peak_mb": clock.live_peak_mb,
-        "step_seconds": [b - a for a, b in zip(clock.ends[w - 1 : w + s - 1], clock.ends[w : w + s])],
+        "step_seconds": timed["step_seconds"],
+        # fp16: steps the loss scaler skipped (inf/NaN gradients); their time and batches count like the others.
+        "skipped_steps": timed["skipped_steps"],
+        "skipped_warmup_steps": timed["skipped_before"],
     }
     Path(args.result).write_text(json.dumps(result))
 
@@ -479,7 +531,11 @@ def run_one(args, tool, workload, data, variant="") -> dict:
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
             raise SystemExit(f"[bench] {tool} on {workload} failed (exit {proc.returncode}): {' '.join(cmd)}")
-        return json.loads(result.read_text())
+        run = json.loads(result.read_text())
+        if run.get("skipped_steps"):
+            print(f"[bench]   {run['skipped_steps']} of the {args.steps} measured steps were skipped by the fp16 loss "
+                  "scaler (their time and batches are counted)", flush=True)
+        return run
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -11,7 +11,6 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-import lora_cli.models as models
 from lora_cli.cli import train_app
 from test_train import CHAT_ROWS, make_config
 
