@@ -68,14 +68,39 @@ def train_command(
         None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load model and data, print what would be trained, stop."),
+    estimate: bool = typer.Option(
+        False, "--estimate", help="Estimate the GPU memory a training step needs (reads only config.json), then stop."
+    ),
+    gpu: Optional[str] = typer.Option(
+        None, "--gpu", help="With --estimate: the GPU to check, t4 | 2080ti | 3080 | a size like 24GB. "
+        "Default: the GPU here, else a T4."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     from .config import load_config
-    from .train import train
 
     cfg = load_config(config, overrides or [])
+    if estimate:  # before anything loads a model or data
+        _print_estimate(cfg, gpu, json_output)
+        return
+    if gpu is not None or json_output:
+        raise UserError("--gpu and --json go with --estimate, e.g. lora-train config.yaml --estimate --gpu t4 --json")
+    from .train import train
+
     train(cfg, dry_run=dry_run)
+
+
+def _print_estimate(cfg, gpu: Optional[str], json_output: bool) -> None:
+    import json
+
+    from .estimate import estimate_for_config, format_estimate
+
+    result = estimate_for_config(cfg, gpu)
+    print(format_estimate(result), flush=True)
+    if json_output:
+        print(json.dumps(result.to_json()), flush=True)
 
 
 # --- lora-merge ----------------------------------------------------------------------------------------------
