@@ -120,8 +120,11 @@ def merge_command(
         None, "--dtype", help="float16 | bfloat16 | float32. Default: the base model's stored dtype."
     ),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
-    verify: bool = typer.Option(
-        True, "--verify/--no-verify", help="Check the merged model's logits against base + adapter before writing."
+    verify_logits: bool = typer.Option(
+        False, "--verify-logits/--no-verify-logits", "--verify/--no-verify",
+        help="Also load the whole model (about 4 bytes of RAM per parameter) and check the merged model's logits "
+        "against base + adapter before writing. Without it the merge streams shard by shard and checks each merged "
+        "weight on its own.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
     revision: Optional[str] = typer.Option(
@@ -135,7 +138,7 @@ def merge_command(
 
     console = Console(highlight=False, soft_wrap=True)
     result = merge_adapter(
-        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify_logits=verify_logits,
         overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
         log=lambda message: console.print(message, markup=False),
     )
