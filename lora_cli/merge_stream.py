@@ -34,7 +34,8 @@ SINGLE_NAME = "model.safetensors"
 # it; a missing update, a wrong scaling or transpose is off by the update's own size (1e-3 and more of W x).
 PROBE_COLUMNS = 4
 PROBE_TOLERANCE = 1e-4
-FINITE_CHUNK = 2**24  # elements per isfinite() call: its bool result would otherwise be a copy of the tensor
+FINITE_CHUNK = 2**20  # elements per isfinite() call: on the whole tensor its bool result (and a half tensor's
+# fp32 upcast) would be another copy of it (measured: +84 MB RSS for a 525 MB embedding with 2**24)
 
 
 @dataclass
