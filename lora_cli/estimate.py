@@ -124,13 +124,12 @@ def read_model_config(cfg: Config):
         ) from None
 
 
-def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, longest: int | None = None,
-                        tokenize: bool = True) -> Estimate:
+def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None, tokenize: bool = True) -> Estimate:
     """The estimate for `cfg` on `gpu` (a GpuSpec, a --gpu string, or None: the GPU here, else a T4).
 
-    `longest`: the longest example in tokens when the caller has tokenized the data already (--dry-run); else it
-    is found by tokenizing a local data file when the model folder has a tokenizer (`tokenize`), or assumed to be
-    data.max_length.
+    `data`: the DataBundle when the caller has tokenized the data already (--dry-run); else the data is tokenized
+    here when it is a local file and the model folder has a tokenizer (`tokenize`), or the longest row is assumed
+    to be data.max_length tokens.
     """
     notes: list[str] = []
     spec = parse_gpu(gpu) if isinstance(gpu, str) else gpu
@@ -143,12 +142,13 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, longest: 
     weights = base_dtype(cfg.model.dtype, precision)
     facts = model_facts(build_meta_model(read_model_config(cfg), cfg.model.trust_remote_code),
                         LoraSettings(**cfg.lora.model_dump()))
-    seq_len = _sequence_length(cfg, longest, tokenize, notes)
+    seq_len, padded = _sequence_length(cfg, data, tokenize, notes)
     half = precision.precision in ("fp16", "bf16")
     shape = StepShape(
         micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, packing=cfg.data.packing,
         checkpointing=cfg.train.gradient_checkpointing, weight_bytes=weights.itemsize,
         compute_bytes=2 if half else 4, load_in_4bit=bool(getattr(cfg.model, "load_in_4bit", False)),
+        padded=padded,
     )
     if facts.model_type not in _MEASURED_FAMILIES:
         notes.append(f"activations are calibrated on Llama-style models; for {facts.model_type} they are an "
@@ -166,26 +166,31 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, longest: 
 _MEASURED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "stablelm"}
 
 
-def _sequence_length(cfg: Config, longest: int | None, tokenize: bool, notes: list[str]) -> int:
-    """Tokens in the longest row a micro batch will hold: packed rows are data.max_length long; unpacked, the
-    longest example (at most data.max_length) when known."""
+def _sequence_length(cfg: Config, data, tokenize: bool, notes: list[str]) -> tuple[int, bool]:
+    """(tokens in the longest row of a micro batch, whether that batch is padded). Packed rows are data.max_length
+    long and unpadded; unpacked, the longest example (at most data.max_length) when the data is known. Batches
+    are grouped by length, so the longest batch is unpadded when micro_batch_size examples share that length."""
     max_length = cfg.data.max_length
     if cfg.data.packing:
         notes.append(f"packed rows of data.max_length={max_length} tokens")
-        return max_length
-    if longest is None and tokenize:
-        longest = _longest_example(cfg, notes)
-    if longest is None:
+        return max_length, False
+    if data is None and tokenize:
+        data = _tokenize_local_data(cfg, notes)
+    if data is None or not data.train:
         notes.append(f"sequence length: data.max_length={max_length} (the longest example is not known without "
                      "tokenizing the data)")
-        return max_length
-    notes.append(f"sequence length: the longest example, {min(longest, max_length)} tokens "
-                 f"(data.max_length={max_length})")
-    return max(2, min(longest, max_length))
+        return max_length, True
+    lengths = [len(example) for example in data.train]
+    longest = min(max(lengths), max_length)
+    padded = sum(n >= longest for n in lengths) < cfg.train.micro_batch_size
+    notes.append(f"sequence length: the longest example, {longest} tokens (data.max_length={max_length})"
+                 + ("" if padded else f"; the longest batch is {cfg.train.micro_batch_size} examples that long"))
+    return max(2, longest), padded
 
 
-def _longest_example(cfg: Config, notes: list[str]) -> int | None:
-    """Tokenize a local data file (up to 50 MB) with a local model folder's tokenizer; None if either is not here."""
+def _tokenize_local_data(cfg: Config, notes: list[str]):
+    """The DataBundle of a local data file (up to 50 MB) tokenized with a local model folder's tokenizer; None if
+    either is not here or the data does not tokenize."""
     data, model = Path(cfg.data.path).expanduser(), Path(cfg.model.name_or_path).expanduser()
     has_tokenizer = any((model / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     size = sum(f.stat().st_size for f in ([data] if data.is_file() else data.rglob("*"))) if data.exists() else 0
@@ -196,7 +201,7 @@ def _longest_example(cfg: Config, notes: list[str]) -> int | None:
 
     try:
         tokenizer = load_tokenizer(str(model), cfg.model.revision, cfg.model.trust_remote_code)
-        bundle = data_lib.build_datasets(
+        return data_lib.build_datasets(
             cfg.data.path, tokenizer, split=cfg.data.split, format=cfg.data.format, max_length=cfg.data.max_length,
             train_on_inputs=cfg.data.train_on_inputs, val_size=cfg.data.val_size, val_path=cfg.data.val_path,
             seed=cfg.train.seed,
@@ -204,7 +209,6 @@ def _longest_example(cfg: Config, notes: list[str]) -> int | None:
     except UserError as err:
         notes.append(f"the data could not be tokenized ({str(err).splitlines()[0][:120]})")
         return None
-    return bundle.stats.max_example_length
 
 
 # --- what makes it fit ---------------------------------------------------------------------------------------

@@ -90,6 +90,11 @@ class StepShape:
     compute_bytes: int  # activations: 2 under fp16/bf16 autocast, 4 in fp32
     load_in_4bit: bool = False
     cuda: bool = True  # add the CUDA context and allocator slack
+    padded: bool = True  # unpacked rows of different lengths: the batch carries an attention mask
+
+    @property
+    def masked(self) -> bool:
+        return self.padded and self.micro_batch > 1 and not self.packing
 
 
 def build_meta_model(hf_config, trust_remote_code: bool = False):
@@ -194,7 +199,7 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
     """
     c, tokens, seq = shape.compute_bytes, shape.micro_batch * shape.seq_len, shape.seq_len
     per_token = 2 * facts.hidden * FP32 + 2 * FP32
-    masked = shape.micro_batch > 1 and not shape.packing
+    masked = shape.masked
     if facts.attn_implementation == "eager":
         # Repeated k and v for the matmuls (q_dim each) and the softmax probabilities: fp32 from softmax(dtype=
         # float32), plus their cast back to the compute dtype that the second matmul keeps.
@@ -226,7 +231,7 @@ def saved_bytes(facts: ModelFacts, shape: StepShape) -> int:
     """What the forward pass leaves for backward: every layer's saved tensors, or with checkpointing only each
     layer's input (the residual stream), plus a padded batch's attention mask (one byte per query-key pair)."""
     tokens = shape.micro_batch * shape.seq_len
-    mask = shape.micro_batch * shape.seq_len**2 if shape.micro_batch > 1 and not shape.packing else 0
+    mask = shape.micro_batch * shape.seq_len**2 if shape.masked else 0
     if shape.checkpointing:
         return round((facts.layers + 1) * tokens * facts.hidden * _residual_bytes(shape)) + mask
     return facts.layers * layer_activation_bytes(facts, shape) + mask
