@@ -117,7 +117,7 @@ def read_model_config(cfg: Config):
         return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise UserError(
             f"Could not read config.json of '{source}': {first}. The estimate needs only that file: without the "
             "Hub (offline), put it in a folder and pass model.name_or_path=FOLDER."
