@@ -298,7 +298,7 @@ def _expected_shapes(model: nn.Module, paths: list[str], use_dora: bool, ranks: 
     return shapes
 
 
-def _normalise_key(key: str) -> str:
+def normalise_key(key: str) -> str:
     """PEFT writes no adapter name, but some tools leave `.default` in; accept both spellings."""
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.") \
         .replace(f".{_DORA_KEY}.default", f".{_DORA_KEY}")
@@ -332,7 +332,7 @@ def load_adapter(
     read_adapter_tensors(adapter_dir) when the caller read them already (to fail before loading the model)."""
     config = read_adapter_config(adapter_dir)
     tensors = tensors if tensors is not None else read_adapter_tensors(adapter_dir)
-    tensors = {_normalise_key(k): v for k, v in tensors.items()}
+    tensors = {normalise_key(k): v for k, v in tensors.items()}
     settings = config.settings
     where = Path(adapter_dir) / WEIGHTS_NAME
     try:

@@ -72,14 +72,28 @@ def train_command(
         None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load model and data, print what would be trained, stop."),
+    estimate: bool = typer.Option(
+        False, "--estimate", help="Estimate the GPU memory a training step needs (reads only config.json), then stop."
+    ),
+    gpu: Optional[str] = typer.Option(
+        None, "--gpu", help="With --estimate: the GPU to check, t4 | 2080ti | 3080 | a size like 24GB. "
+        "Default: the GPU here, else a T4."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     from .config import load_config
     from .errors import TrainingStopped
-    from .train import train
 
     cfg = load_config(config, overrides or [])
+    if estimate:  # before anything loads a model or data
+        _print_estimate(cfg, gpu, json_output)
+        return
+    if gpu is not None or json_output:
+        raise UserError("--gpu and --json go with --estimate, e.g. lora-train config.yaml --estimate --gpu t4 --json")
+    from .train import train
+
     try:
         train(cfg, dry_run=dry_run)
     except TrainingStopped as stopped:
@@ -95,6 +109,17 @@ def _resume_command(config: Path, overrides: List[str]) -> str:
     kept = [o for o in overrides if not o.startswith("train.resume_from_checkpoint=")]
     program = ["lora-train"] if Path(sys.argv[0]).name == "lora-train" else [sys.executable, "-m", "lora_cli", "train"]
     return shlex.join([*program, str(config), *kept, "train.resume_from_checkpoint=auto"])
+
+
+def _print_estimate(cfg, gpu: Optional[str], json_output: bool) -> None:
+    import json
+
+    from .estimate import estimate_for_config, format_estimate
+
+    result = estimate_for_config(cfg, gpu)
+    print(format_estimate(result), flush=True)
+    if json_output:
+        print(json.dumps(result.to_json()), flush=True)
 
 
 # --- lora-merge ----------------------------------------------------------------------------------------------
@@ -114,8 +139,11 @@ def merge_command(
         None, "--dtype", help="float16 | bfloat16 | float32. Default: the base model's stored dtype."
     ),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
-    verify: bool = typer.Option(
-        True, "--verify/--no-verify", help="Check the merged model's logits against base + adapter before writing."
+    verify_logits: bool = typer.Option(
+        False, "--verify-logits/--no-verify-logits", "--verify/--no-verify",
+        help="Also load the whole model (about 4 bytes of RAM per parameter) and check the merged model's logits "
+        "against base + adapter before writing. Without it the merge streams shard by shard and checks each merged "
+        "weight on its own.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
     revision: Optional[str] = typer.Option(
@@ -129,7 +157,7 @@ def merge_command(
 
     console = Console(highlight=False, soft_wrap=True)
     result = merge_adapter(
-        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify_logits=verify_logits,
         overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
         log=lambda message: console.print(message, markup=False),
     )

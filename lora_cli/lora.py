@@ -35,6 +35,26 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def merged_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W + scaling * B A in fp32, in W's storage orientation (Conv1D stores W as (in, out)); with DoRA's
+    `magnitude` m, each output row is rescaled: m / ||W + s B A|| * (W + s B A).
+
+    The one merge formula: LoraLinear.merge and lora-merge's shard-by-shard path both call it.
+    """
+    delta = (lora_B.float() @ lora_A.float()) * scaling
+    merged = (weight.t() if fan_in_fan_out else weight).float() + delta
+    if magnitude is not None:
+        merged = merged * (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+    return merged.t() if fan_in_fan_out else merged
+
+
 class LoraLinear(nn.Module):
     """A Linear/Conv1D with a low-rank update. Build it with `LoraLinear.from_base(module, ...)`."""
 
@@ -111,11 +131,9 @@ class LoraLinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the update folded in, in fp32 and in the base's storage orientation."""
-        delta = self._lora_delta()
-        weight = self._oriented(self.weight).float() + delta
-        if self.use_dora:
-            weight = weight * (self.lora_magnitude_vector.float() / self._weight_norm(delta)).unsqueeze(1)
-        return self._oriented(weight)
+        magnitude = self.lora_magnitude_vector if self.use_dora else None
+        return merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out,
+                             magnitude)
 
     # --- forward -------------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ MIN_CHUNK_ROWS = 256
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _uses_plain_head(model) -> bool:
+def uses_plain_head(model) -> bool:
     config = getattr(model, "config", None)
     if any(getattr(config, attr, None) for attr in _LOGIT_POSTPROCESSING):
         return False
@@ -58,7 +58,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> tuple
     keep = labels != IGNORE_INDEX
     n_tokens = int(keep.sum())
     model_kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-    if not _uses_plain_head(model):
+    if not uses_plain_head(model):
         logits = model(**model_kwargs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), n_tokens
     hidden = model.get_decoder()(**model_kwargs, use_cache=False).last_hidden_state[:, :-1]

@@ -1,16 +1,22 @@
 """lora-merge: fold a LoRA adapter into its base model and write a plain transformers model folder.
 
-The merge runs in CPU memory in fp32, so a model that does not fit the GPU still merges. One copy of the weights
-is held: the adapter is applied unmerged, a short verify batch records the reference logits (only the logits are
-kept), then each LoRA layer folds its update into the base weight in place (`LoraLinear.merge`), the model is cast
-once to the output dtype and written atomically.
+By default the merge streams (merge_stream.py): the base's safetensors shards are read one tensor at a time, each
+targeted weight is merged in fp32, checked against W + scaling * B A and written, so RAM holds about one tensor
+(plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints, quantized
+bases) and `--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM
+per parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
+folds its update into its weight in place (`LoraLinear.merge`), the logits are compared again, and the model is
+cast once and saved. Both write the same folder, atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,53 +27,16 @@ from torch import nn
 from .adapter import read_adapter_config
 from .errors import UserError
 from .fsutil import atomic_dir
-from .inject import lora_layers, merge_lora, set_lora_enabled
-from .loading import base_source_of_adapter, load_model
-from .models import parse_dtype, stored_dtype
+from .inject import lora_layers, merge_lora
+from .loading import ModelSource, base_source_of_adapter, load_model
+from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
+from .merge_verify import LogitsCheck, VerifyCheck
+from .models import load_tokenizer, parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
 # holding adapter_config.json makes transformers (and vLLM, TGI) treat the folder as a PEFT adapter and try to
 # load a base model from base_model_name_or_path. Under this name every loader ignores it.
 MERGED_ADAPTER_CONFIG_NAME = "lora_adapter_config.json"
-
-# A few fixed sentences of different kinds (prose, code, Q&A, numbers) for the verify batch.
-VERIFY_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Question: What is the capital of France?\nAnswer:",
-    "def add(a, b):\n    return a + b",
-    "0 1 2 3 4 5 6 7 8 9 10",
-)
-VERIFY_MAX_TOKENS = 32
-
-# Verify tolerances: max |merged - (base + adapter)| over the batch's logits must be <= rel * max|logit| + rel.
-# 1. "merge": both sides in fp32 before any cast. Merging is exact algebra (W x + s B A x == (W + s B A) x), so
-#    the only difference is fp32 rounding in a different order: 7e-6 of the logit scale measured on SmolLM2-135M
-#    (30 layers). 1e-4 leaves ample room for that and still catches any mistake that matters (a layer not merged,
-#    a wrong transpose or scaling), even for an adapter that moves the logits by only a few percent.
-# 2. after casting the merged weights to the output dtype (the weights are rounded to it and held in fp32, so the
-#    check measures what the saved file contains, not the CPU's half-precision arithmetic). Rounding each weight
-#    costs up to 2^-11 (fp16) or 2^-8 (bf16) relative. Measured on SmolLM2-135M (30 layers, all-linear DoRA
-#    adapter, every weight rounded): max |logit difference| 0.24% (fp16) and 2.6% (bf16) of the logit scale. The
-#    tolerances, 2% and 10%, leave a margin of 4-8x for deeper and wider models. What this check is for is a cast
-#    that breaks the model: fp16 overflow (|w| > 65504 becomes inf), NaN, or a gross loss of precision.
-MERGE_TOLERANCE = 1e-4
-CAST_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-@dataclass
-class VerifyCheck:
-    label: str  # what is compared
-    max_diff: float  # max |logit difference| over the verify batch
-    tolerance: float
-
-    @property
-    def ok(self) -> bool:
-        return self.max_diff <= self.tolerance  # False for NaN too
-
-    def describe(self) -> str:
-        verdict = "ok" if self.ok else "FAILED"
-        return f"{self.label}: max |logit difference| {self.max_diff:.3g} (tolerance {self.tolerance:.3g}) {verdict}"
-
 
 @dataclass
 class MergeResult:
@@ -75,7 +44,10 @@ class MergeResult:
     base: str
     dtype: torch.dtype
     adapter_effect: float | None = None  # max |logit change| the adapter causes on the verify batch
-    checks: list[VerifyCheck] = field(default_factory=list)
+    checks: list[VerifyCheck] = field(default_factory=list)  # the logits checks (in-memory path)
+    streamed: bool = False  # merged shard by shard (the low-RAM path)
+    merged_tensors: int = 0  # weights the adapter changed (streamed path)
+    largest_merge_error: float | None = None  # of the per-tensor check, relative (streamed path)
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -127,46 +99,6 @@ def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = 
         raise UserError(f"Cannot create {output_dir}: {ancestor} is a file, not a folder. Choose another output path.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"Cannot create {output_dir}: folder {ancestor} is not writable. Choose a writable path.")
-
-
-def verify_batch(tokenizer, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of a few fixed sentences, right-padded."""
-    rows = [tokenizer(text, add_special_tokens=True)["input_ids"][:VERIFY_MAX_TOKENS] for text in VERIFY_TEXTS]
-    rows = [row for row in rows if row] or [[0]]
-    length = max(len(row) for row in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows])
-    mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
-    if vocab_size:  # a tokenizer with added tokens beyond the embedding must not crash the check
-        ids = ids.clamp(max=vocab_size - 1)
-    return ids, mask
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """fp32 logits at the non-padding positions only (padding rows are meaningless)."""
-    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    return out[mask.bool()]
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    diff = (a - b).abs().max().item()
-    return diff if torch.isfinite(a).all() else float("nan")
-
-
-def _tolerance(rel: float, reference: torch.Tensor) -> float:
-    return rel * reference.abs().max().item() + rel
-
-
-@torch.no_grad()
-def _round_weights_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round every floating-point weight to `dtype` in place, keeping fp32 storage: one parameter at a time.
-
-    Buffers (rotary frequencies and the like) are left alone: they are recomputed on load, not saved.
-    """
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.copy_(param.to(dtype))
 
 
 @torch.no_grad()
@@ -235,20 +167,64 @@ def save_merged(
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        try:
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, max_shard_size=shard_bytes)
             if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
                 model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if adapter_config is not None:
-                # Named lora_adapter_config.json on purpose: see MERGED_ADAPTER_CONFIG_NAME.
-                (tmp / MERGED_ADAPTER_CONFIG_NAME).write_text(
-                    json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-                )
-        except OSError as err:
-            raise UserError(f"Writing the merged model to {out_dir} failed: {err}. Check free disk space.") from None
+            _write_side_files(tmp, tokenizer, adapter_config)
+    except OSError as err:
+        raise write_error(out_dir, err, needed) from None
     return out_dir
+
+
+def _write_side_files(folder: Path, tokenizer, adapter_config: dict | None) -> None:
+    tokenizer.save_pretrained(folder)
+    if adapter_config is not None:
+        # Named lora_adapter_config.json on purpose: see MERGED_ADAPTER_CONFIG_NAME.
+        (folder / MERGED_ADAPTER_CONFIG_NAME).write_text(
+            json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+
+
+@contextlib.contextmanager
+def _remove_new_parents_on_failure(path: Path):
+    """The folders atomic_dir creates above `path` are removed again if the write fails."""
+    created, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_error(out_dir: Path, err: OSError, needed: int) -> UserError:
+    """The message for a failed write (the partial output is already gone: atomic_dir removed it)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"Not enough disk space for the merged model in {out_dir}: it needs about {_size(needed)} and "
+            f"{_size(_free_bytes(out_dir))} are free. Free some space or choose another output folder; nothing "
+            "was written."
+        )
+    return UserError(f"Writing the merged model to {out_dir} failed: {err}. Nothing was written.")
 
 
 def merge_adapter(
@@ -258,17 +234,18 @@ def merge_adapter(
     base: str | None = None,
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
-    verify: bool = True,
+    verify_logits: bool = False,
     overwrite: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> MergeResult:
-    """Load base (fp32, CPU) + adapter, verify, merge in place, cast once, write `output_dir`."""
+    """Merge the adapter into its base and write `output_dir`: shard by shard, or in memory where the base needs
+    it or `verify_logits` asks for the whole-model logits check."""
     log = log or (lambda message: None)
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     target_dtype = parse_dtype(dtype)
-    parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size)
     config = read_adapter_config(adapter_dir)
     if base is not None and config.base_model_name_or_path and config.base_model_name_or_path != base:
         log(f"note: the adapter names {config.base_model_name_or_path} as its base; merging into {base} as asked")
@@ -276,50 +253,53 @@ def merge_adapter(
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     check_output_dir(output_dir, overwrite, protected)
-
-    loaded = load_model(source, dtype=torch.float32, adapter_dir=adapter_dir, log=log)
-    model, tokenizer = loaded.model, loaded.tokenizer
     if target_dtype is None:
         target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
     result = MergeResult(output_dir, base, target_dtype)
+    if not verify_logits:
+        tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)  # a missing base fails here
+        plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
+        if isinstance(plan, StreamPlan):
+            return _merge_streaming(plan, tokenizer, result, config.raw, overwrite, log)
+        log(f"note: {plan}, so the merge runs in memory (about 4 bytes of RAM per parameter)")
+    return _merge_in_memory(source, adapter_dir, result, config.raw, shard_bytes, verify_logits, overwrite, log)
 
-    reference = None
-    if verify:
-        ids, mask = verify_batch(tokenizer, getattr(model.config, "vocab_size", None))
-        reference = _logits(model, ids, mask)  # base + adapter, unmerged, fp32: the ground truth
-        set_lora_enabled(model, False)
-        result.adapter_effect = _max_diff(reference, _logits(model, ids, mask))
-        set_lora_enabled(model, True)
-        log(f"adapter effect on the verify batch: max |logit change| {result.adapter_effect:.3g}")
-        if result.adapter_effect == 0:
-            log("warning: the adapter does not change the model's output (lora_B is zero: was it trained?)")
 
+def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,
+                     log: Callable[[str], None]) -> MergeResult:
+    output_dir, needed = result.output_dir, plan.total_bytes
+    if _free_bytes(output_dir) < needed:
+        raise write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+    name = str(result.dtype).split(".")[1]
+    log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
+        f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
+    try:
+        with _remove_new_parents_on_failure(output_dir), atomic_dir(output_dir, overwrite=overwrite) as tmp:
+            write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
+            _write_side_files(tmp, tokenizer, adapter_config)
+    except OSError as err:
+        raise write_error(output_dir, err, needed) from None
+    result.streamed, result.merged_tensors = True, len(plan.merged)
+    result.largest_merge_error = plan.largest_relative_error
+    log(f"verify: {len(plan.merged)} merged weights reproduce W x + scaling B A x (largest relative difference "
+        f"{plan.largest_relative_error:.2g}, tolerance {PROBE_TOLERANCE:g}); every tensor written is finite")
+    return result
+
+
+def _merge_in_memory(source: ModelSource, adapter_dir: Path, result: MergeResult, adapter_config: dict,
+                     shard_bytes: int, verify: bool, overwrite: bool, log: Callable[[str], None]) -> MergeResult:
+    """Load base (fp32, CPU) + adapter, verify the logits if asked, merge in place, cast once, write."""
+    loaded = load_model(source, dtype=torch.float32, adapter_dir=adapter_dir, log=log)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    target_dtype, output_dir = result.dtype, result.output_dir
+
+    check = LogitsCheck.before_merge(model, tokenizer, log) if verify else None
     merge_lora(model)  # in place, layer by layer
-
-    if verify:
-        checks = [VerifyCheck("merged (float32) vs base + adapter", _max_diff(_logits(model, ids, mask), reference),
-                              _tolerance(MERGE_TOLERANCE, reference))]
-        if checks[0].ok and target_dtype != torch.float32:
-            _round_weights_to(model, target_dtype)
-            name = str(target_dtype).split(".")[1]
-            checks.append(VerifyCheck(f"merged ({name} weights) vs base + adapter",
-                                      _max_diff(_logits(model, ids, mask), reference),
-                                      _tolerance(CAST_TOLERANCE[target_dtype], reference)))
-        result.checks = checks
-        for check in checks:
-            log(f"verify: {check.describe()}")
-        failed = next((c for c in checks if not c.ok), None)
-        if failed is not None:
-            if failed.max_diff != failed.max_diff:  # NaN: the cast model computes inf/NaN
-                hint = ("The float16 range (|x| <= 65504) is exceeded; use --dtype bfloat16."
-                        if target_dtype == torch.float16 else "The adapter or base weights are probably corrupt.")
-                raise UserError(f"Verification failed, nothing was written: {failed.describe()}. {hint}")
-            raise UserError(
-                f"Verification failed, nothing was written: {failed.describe()}. The merged model does not reproduce "
-                "base + adapter within the tolerance; pass --no-verify to write it anyway."
-            )
+    if check is not None:
+        result.adapter_effect = check.adapter_effect
+        result.checks = check.after_merge(model, target_dtype, log)
 
     log(f"writing {output_dir} ({str(target_dtype).split('.')[1]})")
     save_merged(model, tokenizer, output_dir, overwrite=overwrite, dtype=target_dtype,
-                max_shard_size=max_shard_size, adapter_config=config.raw)
+                max_shard_size=shard_bytes, adapter_config=adapter_config)
     return result

@@ -290,6 +290,13 @@ def damaged_weight_files(name_or_path: str, revision: str | None = None) -> list
     return problems
 
 
+def check_weight_files(name_or_path: str, revision: str | None = None) -> None:
+    """Refuse a model whose weight files are truncated, unreadable or missing, naming each and the fix."""
+    damaged = damaged_weight_files(name_or_path, revision)
+    if damaged:
+        raise _damaged_error(name_or_path, revision, damaged)
+
+
 def _damaged_error(name_or_path: str, revision: str | None, damaged: list[str]) -> UserError:
     if Path(name_or_path).expanduser().is_dir():
         fix = "Re-download the model (or copy its folder again) and rerun."

@@ -302,15 +302,10 @@ class StepClock:
 
 
 def _allocated_peak_mb(profiler) -> float:
-    """Peak of PyTorch's allocated CPU bytes during the profiled step, above what was allocated when it began: the
-    CPU counterpart of torch.cuda.max_memory_allocated, free of the C allocator's retained pages that RSS counts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        profiler.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0) / 2**20
+    """Peak of PyTorch's allocated CPU bytes during the profiled step, above what was allocated when it began."""
+    from memprofile import allocated_peak_bytes  # scripts/ is on sys.path when this file runs as a script
+
+    return allocated_peak_bytes(profiler) / 2**20
 
 
 def _rss_mb() -> float:

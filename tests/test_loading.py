@@ -34,8 +34,18 @@ def recorded(monkeypatch):
         calls["config"].append((revision, trust_remote_code))
         return real_stored(name)
 
+    import lora_cli.merge_stream as merge_stream
+
+    real_checkpoint = merge_stream._checkpoint
+
+    def checkpoint(source):  # the streamed merge reads the weights' files instead of loading the model
+        calls["model"].append((source.revision, source.trust_remote_code))
+        return real_checkpoint(source)
+
     monkeypatch.setattr(loading, "load_tokenizer", tokenizer)
+    monkeypatch.setattr("lora_cli.merge.load_tokenizer", tokenizer)
     monkeypatch.setattr(loading, "load_base_model", model)
+    monkeypatch.setattr(merge_stream, "_checkpoint", checkpoint)
     monkeypatch.setattr("lora_cli.merge.stored_dtype", stored)
     return calls
 
@@ -57,14 +67,15 @@ def test_generate_passes_revision_and_remote_code_everywhere(tiny_model_dir, rec
     assert recorded["tokenizer"] == recorded["model"] == [("abc123", True)]
 
 
-def test_merge_takes_the_adapters_revision_unless_given(adapter_dir, tmp_path, recorded):
-    result = CliRunner().invoke(merge_app, [str(adapter_dir), str(tmp_path / "merged")])
+@pytest.mark.parametrize("path", [[], ["--verify-logits"]], ids=["streamed", "in memory"])
+def test_merge_takes_the_adapters_revision_unless_given(adapter_dir, tmp_path, recorded, path):
+    result = CliRunner().invoke(merge_app, [str(adapter_dir), str(tmp_path / "merged"), *path])
     assert result.exit_code == 0, result.output
     assert recorded["tokenizer"] == recorded["model"] == recorded["config"] == [("v1.0", False)]
     for calls in recorded.values():
         calls.clear()
     result = CliRunner().invoke(merge_app, [str(adapter_dir), str(tmp_path / "merged2"), "--revision", "main",
-                                            "--trust-remote-code"])
+                                            "--trust-remote-code", *path])
     assert result.exit_code == 0, result.output
     assert recorded["tokenizer"] == recorded["model"] == recorded["config"] == [("main", True)]
     assert json.loads((tmp_path / "merged2" / "lora_adapter_config.json").read_text())["revision"] == "v1.0"

@@ -111,7 +111,7 @@ def test_merged_folder_reloads_and_equals_base_plus_adapter(tiny_model_dir, tmp_
     result = merge(adapter, out)  # base from the adapter's base_model_name_or_path
 
     assert result.exit_code == 0, result.output
-    assert "verify: merged (float32) vs base + adapter" in result.output and "ok" in result.output
+    assert "shard by shard" in result.output and "merged weights reproduce W x + scaling B A x" in result.output
     merged = assert_clean_reload(out)
     assert merged.dtype == torch.float32  # the tiny base is stored in fp32
     expected = logits(base_plus_adapter(base_dir, adapter))
@@ -141,9 +141,9 @@ def test_float16_output(tiny_model_dir, tmp_path):
     base_dir = tiny_model_dir("llama")
     adapter = make_our_adapter(base_dir, tmp_path / "adapter", "dora")
     out = tmp_path / "merged"
-    result = merge(adapter, out, "--dtype", "float16")
+    result = merge(adapter, out, "--dtype", "float16", "--verify-logits")
     assert result.exit_code == 0, result.output
-    assert "merged (float16 weights) vs base + adapter" in result.output
+    assert "merged (float16 weights) vs base + adapter" in result.output and "shard by shard" not in result.output
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes == {torch.float16}
@@ -168,9 +168,9 @@ def test_small_shards_write_an_index_and_reload(tiny_model_dir, tmp_path):
     base_dir = tiny_model_dir("llama")
     adapter = make_our_adapter(base_dir, tmp_path / "adapter")
     out = tmp_path / "merged"
-    result = merge(adapter, out, "--max-shard-size", "30KB", "--no-verify")
+    result = merge(adapter, out, "--max-shard-size", "30KB", "--no-verify")  # the old flag name still works
     assert result.exit_code == 0, result.output
-    assert "verify" not in result.output
+    assert "shard by shard" in result.output and "logit" not in result.output
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -219,8 +219,9 @@ def test_library_result_reports_checks(tiny_model_dir, tmp_path):
     base_dir = tiny_model_dir("gpt2")
     adapter = make_our_adapter(base_dir, tmp_path / "adapter", "dora")
     messages = []
-    result = merge_adapter(adapter, tmp_path / "merged", base=str(base_dir), dtype="bf16", log=messages.append)
-    assert result.dtype == torch.bfloat16 and result.adapter_effect > 1e-2
+    result = merge_adapter(adapter, tmp_path / "merged", base=str(base_dir), dtype="bf16", log=messages.append,
+                           verify_logits=True)
+    assert result.dtype == torch.bfloat16 and result.adapter_effect > 1e-2 and not result.streamed
     assert [c.ok for c in result.checks] == [True, True]
     assert result.checks[0].max_diff < 1e-4 < result.checks[1].max_diff  # bf16 rounding is visible, and tolerated
     assert any("verify" in m for m in messages)
@@ -244,15 +245,19 @@ def test_existing_output_refused_without_overwrite(tiny_model_dir, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
-def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["streamed", "in memory"])
+def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, path):
     adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
-    # A broken merge: the update is silently dropped (W stays W).
-    monkeypatch.setattr(LoraLinear, "merged_weight", lambda self: self.weight.detach().clone())
     out = tmp_path / "out" / "merged"
-
-    result = merge(adapter, out)
-
-    assert_error(result, "Verification failed", "nothing was written", "--no-verify")
+    # A broken merge: the update is silently dropped (W stays W).
+    if path == "streamed":  # caught by the per-tensor check
+        monkeypatch.setattr("lora_cli.merge_stream.merged_weight", lambda weight, *args, **kwargs: weight.float())
+        result = merge(adapter, out)
+        assert_error(result, "Verification failed for model.layers.0.self_attn.q_proj.weight", "nothing was written")
+    else:  # caught by the logits check
+        monkeypatch.setattr(LoraLinear, "merged_weight", lambda self: self.weight.detach().clone())
+        result = merge(adapter, out, "--verify-logits")
+        assert_error(result, "Verification failed", "nothing was written", "without --verify-logits")
     assert not out.exists() and not out.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folders left behind
 
@@ -314,7 +319,7 @@ def test_console_script_entry_point():
     exe = [str(script)] if script.exists() else [shutil.which("lora-merge") or "lora-merge"]
     proc = subprocess.run(exe + ["--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "ADAPTER_DIR" in proc.stdout and "--max-shard-size" in proc.stdout and "--no-verify" in proc.stdout
+    assert "ADAPTER_DIR" in proc.stdout and "--max-shard-size" in proc.stdout and "--verify-logits" in proc.stdout
 
 
 def test_fp16_overflow_is_refused_even_without_verify(tiny_model_dir, tmp_path):
