@@ -211,14 +211,25 @@ def disk_full_message(what: str, folder: Path, needed: int | None) -> str:
 
 
 def check_can_create(folder: Path, what: str) -> None:
-    """Refuse early (before any slow work) a folder that cannot be created or written."""
-    ancestor = folder
+    """Refuse early (before any slow work) a folder that cannot be created or replaced: its nearest existing
+    ancestor outside it must be a writable folder (temporary siblings are made there), and so must it, if it exists."""
+    ancestor = folder.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"{what} '{folder}': {ancestor} is a file, not a folder. Choose another path.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{what} '{folder}' is not writable ({ancestor} is read-only for you). Choose a writable path.")
+        raise UserError(f"Cannot create {what} {folder}: {ancestor} is a file, not a folder. Choose another path.")
+    for place in (ancestor, folder) if folder.is_dir() else (ancestor,):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise UserError(f"Cannot write {what} {folder}: folder {place} is not writable. Choose a writable path.")
+
+
+def is_within(inner: Path, outer: Path) -> bool:
+    """Whether `inner` is `outer` or lies inside it (after resolving links)."""
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _ensure_writable_dir(folder: Path) -> None:

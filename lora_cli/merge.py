@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import read_adapter_config
 from .errors import UserError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_can_create, is_within
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
@@ -72,14 +72,6 @@ def parse_size(size: str | int) -> int:
     return value
 
 
-def _is_within(path: Path, other: Path) -> bool:
-    try:
-        other.resolve().relative_to(path.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = ()) -> None:
     """Refuse an unusable output path before any expensive work (atomic_dir checks again when writing)."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -87,18 +79,12 @@ def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = 
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise UserError(f"Output folder {output_dir} already exists and is not empty; pass --overwrite to replace it.")
     for other in protected:
-        if other.exists() and _is_within(output_dir, other):
+        if other.exists() and is_within(other, output_dir):
             raise UserError(
                 f"Output folder {output_dir} would replace {other}, which the merge reads from; choose another "
                 "output folder."
             )
-    ancestor = output_dir.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"Cannot create {output_dir}: {ancestor} is a file, not a folder. Choose another output path.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot create {output_dir}: folder {ancestor} is not writable. Choose a writable path.")
+    check_can_create(output_dir, "the output folder")
 
 
 @torch.no_grad()

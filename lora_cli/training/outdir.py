@@ -33,6 +33,7 @@ from ..fsutil import (
     TMP_SUFFIX,
     atomic_write_text,
     check_can_create,
+    is_within,
     disk_full_message,
     is_disk_full,
     link_tree,
@@ -80,26 +81,18 @@ def check_location(out: Path, model_path: str, data_path: str) -> None:
         raise UserError(f"train.output_dir '{out}' exists and is not a folder; choose another train.output_dir.")
     check_can_create(out, "train.output_dir")
     model = Path(model_path).expanduser()
-    if model.is_dir() and (_within(out, model) or _within(model, out)):
-        relation = "is" if out.resolve() == model.resolve() else ("is inside" if _within(out, model) else "contains")
+    if model.is_dir() and (is_within(out, model) or is_within(model, out)):
+        relation = "is" if out.resolve() == model.resolve() else ("is inside" if is_within(out, model) else "contains")
         raise UserError(
             f"train.output_dir '{out}' {relation} the base model folder '{model_path}'. Writing an adapter there "
             "would make transformers load the adapter whenever it loads the base. Choose another train.output_dir."
         )
     data = Path(data_path).expanduser()
-    if data.exists() and _within(data, out):
+    if data.exists() and is_within(data, out):
         raise UserError(
             f"train.output_dir '{out}' contains the training data '{data_path}', which replacing the folder would "
             "move. Choose another train.output_dir."
         )
-
-
-def _within(inner: Path, outer: Path) -> bool:
-    try:
-        inner.resolve().relative_to(outer.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # --- locking and leftovers -------------------------------------------------------------------------------------
