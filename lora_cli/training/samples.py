@@ -40,14 +40,12 @@ def load_prompts(cfg) -> list[str]:
     return read_prompt_file(value)
 
 
-def answered_at(run: Run, step: int) -> bool:
-    return any(row["step"] == step for row in run.state.samples)
-
-
 def answer_prompts(run: Run) -> None:
-    """Answer train.eval_prompts with the model as it is now and log the rows (main process; the others wait)."""
-    if not run.prompts or answered_at(run, run.state.global_step):
+    """Answer train.eval_prompts with the model as it is now and log the rows (main process; the others wait).
+    Once per step: the end of a run whose last step had an evaluation adds nothing."""
+    if not run.prompts or run.state.samples_step == run.state.global_step:
         return
+    run.state.samples_step = run.state.global_step  # on every process, so all agree on the barrier below
     if run.main:
         step = run.state.global_step
         with _generation_mode(run):

@@ -35,6 +35,7 @@ class TrainState:
     stopped_early: bool = False
     log_history: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)  # sample answers to train.eval_prompts: step, prompt, answer
+    samples_step: int | None = None  # the step last answered at, on every process (only the main one has `samples`)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
