@@ -140,7 +140,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
               report.target_modules, out, steps, MetricsSink(out, "", main, say_nothing), quiet, say=say)
     run.state = _initial_state(run, plan, data_fingerprint(bundle.train))
     run.prompts, run.started = prompts, started
-    run.start_step, run.start_tokens = run.state.global_step, run.state.tokens_seen
+    run.start_step = run.state.global_step
     if main and lock is None:
         cleanup.callback((lock := outdir.lock(out)).close)
     run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))

@@ -77,14 +77,19 @@ def _finite(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def _figure(records: list[dict], title: str):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
-    figure = Figure(figsize=(9, 6), layout="constrained")
-    loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    figure = Figure(figsize=(9, 6))
+    # Fixed margins, not a layout engine: half the drawing time (a picture is drawn at every checkpoint).
+    loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1],
+                                     gridspec_kw={"left": 0.09, "right": 0.97, "top": 0.89, "bottom": 0.09,
+                                                  "hspace": 0.08})
     steps, losses = _finite(records, "loss")
     if steps:
-        loss_ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, marker="." if len(steps) < 60 else None,
-                     label="training loss (logged)")
-        if len(steps) >= 20:  # fewer points: the logged line is the curve
+        smoothed = len(steps) >= 20  # fewer points: the logged line is the curve
+        loss_ax.plot(steps, losses, color="tab:blue", alpha=0.35 if smoothed else 1.0, linewidth=1 if smoothed else 1.8,
+                     marker="." if len(steps) < 60 else None, label="training loss (logged)")
+        if smoothed:
             loss_ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.2, label="training loss (smoothed)")
     eval_steps, eval_losses = _finite(records, "eval_loss")
     if eval_steps:
@@ -103,7 +108,7 @@ def _figure(records: list[dict], title: str):
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("optimizer step")
     lr_ax.grid(True, alpha=0.3)
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))  # 0.0002, not a 1e-4 offset
     last = max([0, *steps, *eval_steps])
     figure.suptitle(f"{title}\nstep {last}" if title else f"step {last}", fontsize=11)
     return figure

@@ -16,6 +16,7 @@ Under several processes only the main one answers; the others wait.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -47,11 +48,12 @@ def answer_prompts(run: Run) -> None:
         return
     run.state.samples_step = run.state.global_step  # on every process, so all agree on the barrier below
     if run.main:
-        step = run.state.global_step
+        step, started = run.state.global_step, time.perf_counter()
         with _generation_mode(run):
             answers = [_answer(run, prompt) for prompt in run.prompts]
         rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
         run.sink.log_samples(rows, run.state.samples)
+        run.samples_seconds += time.perf_counter() - started
     run.accelerator.wait_for_everyone()
 
 

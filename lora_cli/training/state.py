@@ -78,7 +78,7 @@ class Run:
     trackers: object = None  # trackers.Trackers on the main process when train.report_to names any
     started: float = 0.0  # time.perf_counter() when setup began, for the closing summary
     start_step: int = 0  # where this part of the run began (a resumed run: the checkpoint's step)
-    start_tokens: int = 0
+    samples_seconds: float = 0.0  # time spent answering train.eval_prompts in this part, for the closing summary
 
     @property
     def main(self) -> bool:

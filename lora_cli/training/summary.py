@@ -80,7 +80,8 @@ def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = N
                  ("plot", str(result_dir / PLOT_NAME)), ("metrics", str(result_dir / METRICS_NAME))]
     if state.samples:
         where = (live if stopped_at is not None else result_dir) / SAMPLES_NAME
-        rows.append(("sample answers", f"{where} ({len(state.samples)} answers)"))
+        rows.append(("sample answers", f"{where} ({len(state.samples)} answers; answering took "
+                                       f"{duration(run.samples_seconds)} of this part)"))
     if stopped_at is None and run.cfg.train.merge_at_end:
         rows.append(("merged model", str(result_dir / "merged")))
     for where in getattr(run.trackers, "where", []):
