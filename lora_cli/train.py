@@ -21,7 +21,14 @@ from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
 from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
 from .training import outdir, trackers
-from .training.checkpoint import load_rng_state, load_training_state, lora_settings, save_adapter_folder, set_rng_state
+from .training.checkpoint import (
+    load_rng_state,
+    load_training_state,
+    lora_settings,
+    rng_state,
+    save_adapter_folder,
+    set_rng_state,
+)
 from .training.console import console, print_data_summary, print_dry_run, say_nothing
 from .training.loop import evaluate_and_track, fit, restore_best
 from .training.metrics import METRICS_NAME, SAMPLES_NAME, MetricsSink, to_jsonl
@@ -143,7 +150,9 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     run.start_step = run.state.global_step
     if main and lock is None:
         cleanup.callback((lock := outdir.lock(out)).close)
+    saved_rng = rng_state()  # a tracker's start-up must not draw from the generators training uses
     run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))
+    set_rng_state(saved_rng)
     cleanup.callback(_end_trackers, run)  # also on a failure or a second Ctrl-C
     run.sink = MetricsSink(out, run.state.run_name, writes=main, show=say_nothing, tracker=run.trackers)
     run.sink.start(run.state.log_history, run.state.samples)
@@ -240,8 +249,8 @@ def _write_result(run: Run, folder: Path) -> None:
     atomic_write_text(folder / METRICS_NAME, to_jsonl(run.state.log_history))
     if run.state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(run.state.samples))
-    write_loss_plot(run.state.log_history, folder / PLOT_NAME, title_for(cfg.model.name_or_path, cfg.data.path, run.state.run_name),
-                    warn=run.say)
+    title = title_for(cfg.model.name_or_path, cfg.data.path, run.state.run_name)
+    write_loss_plot(run.state.log_history, folder / PLOT_NAME, title, warn=run.say)
     if cfg.train.merge_at_end:
         from .merge import merge_adapter
 

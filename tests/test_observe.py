@@ -82,6 +82,10 @@ def test_tensorboard_scalars_equal_metrics_also_after_resume(tmp_path, trainable
     records = jsonl(out / "metrics.jsonl")
     assert {"train/loss", "train/learning_rate", "eval/loss", "eval/ppl"} <= set(expected_scalars(records))
     assert_same_scalars(tensorboard_scalars(out / "runs" / "first-try"), expected_scalars(records))
+    untracked = load_config(config, [f"train.output_dir={tmp_path / 'untracked'}", "train.report_to=none"])
+    train(untracked, quiet=True)  # the trackers change nothing that is trained
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "untracked" / weights).read_bytes() == (out / weights).read_bytes()
 
     # Killed after step 6 was logged but resumed from checkpoint-2: TensorBoard shows every step once, the
     # resumed run's values after step 2 (purge_step), and the same run folder is appended to.
@@ -96,13 +100,14 @@ def test_tensorboard_scalars_equal_metrics_also_after_resume(tmp_path, trainable
     assert_same_scalars(tensorboard_scalars(resumed_out / "runs" / "first-try"), expected_scalars(resumed_records))
 
 
-def wandb_history(run_file: Path) -> dict[int, dict]:
-    """History rows of an offline W&B run file (a leveldb-style log of wandb_internal Record protos)."""
+def wandb_history(run_file: Path) -> tuple[dict, dict[int, dict]]:
+    """The run's (id, name, project) and history rows of an offline W&B run file (a leveldb-style log of
+    wandb_internal Record protos)."""
     from wandb.proto import wandb_internal_pb2
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, pending, rows = 7, 32768, b"", {}
+    pos, block, pending, rows, run = 7, 32768, b"", {}, {}
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -114,12 +119,14 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            if record.WhichOneof("record_type") == "run":
+                run = {"id": record.run.run_id, "name": record.run.display_name, "project": record.run.project}
             if record.WhichOneof("record_type") == "history":
                 # W&B stores a key holding "/" (train/loss) as its parts in nested_key
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
                 rows.setdefault(record.history.step.num, {}).update(items)
-    return rows
+    return run, rows
 
 
 def test_wandb_offline_gets_every_record_and_the_samples(tmp_path, trainable_model_dir, monkeypatch):
@@ -134,7 +141,9 @@ def test_wandb_offline_gets_every_record_and_the_samples(tmp_path, trainable_mod
     train(cfg, quiet=True)
     out = Path(cfg.train.output_dir)
     (run_file,) = (out / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
-    history = wandb_history(run_file)
+    run, history = wandb_history(run_file)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert run == {"id": state["run_id"], "name": state["run_name"], "project": "quill"}
     for tag, by_step in expected_scalars(jsonl(out / "metrics.jsonl")).items():
         for step, value in by_step.items():
             assert history[step][tag] == pytest.approx(value, rel=1e-9), (tag, step)
