@@ -163,13 +163,26 @@ def test_report_to_spellings(tmp_path, tiny_model_dir, given, expected):
     assert cfg.train.report_to == expected
 
 
-def test_unknown_tracker_and_bad_run_name_are_config_errors(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir("llama"), train={"report_to": ["tensorbord"], "run_name": "a/b"})
+def test_unknown_tracker_bad_run_name_and_empty_prompts_are_config_errors(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir("llama"),
+                         train={"report_to": ["tensorbord"], "run_name": "a/b", "eval_prompts": []})
     result = runner.invoke(train_app, [str(config)])
     assert result.exit_code == 2
     assert "train.report_to[0]: must be one of tensorboard, wandb" in result.output
     assert "did you mean `tensorboard`" in result.output
     assert "train.run_name: must be a folder name" in result.output
+    assert "train.eval_prompts: must be a list of prompts" in result.output
+
+
+def test_logging_dir_moves_the_tracker_files_but_not_the_live_log(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    config = make_config(tmp_path, tiny_model_dir("llama"),
+                         train={"max_steps": 2, "report_to": ["tensorboard"], "run_name": "r1",
+                                "logging_dir": str(tmp_path / "tb")})
+    train(load_config(config), quiet=True)
+    assert list((tmp_path / "tb" / "r1").glob("events.out.tfevents.*"))
+    assert (tmp_path / "out" / "runs" / "r1" / "metrics.jsonl").is_file()
+    assert not list((tmp_path / "out" / "runs" / "r1").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("tracker, install", [("tensorboard", "pip install 'lora-cli[tensorboard]'"),
