@@ -67,7 +67,7 @@ def handle_errors(func):
 
 
 def train_command(
-    config: Path = typer.Argument(..., help="YAML config file (see configs/ for examples)."),
+    config: Optional[Path] = typer.Argument(None, help="YAML config file (see configs/ for examples)."),
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
     ),
@@ -80,9 +80,19 @@ def train_command(
         "Default: the GPU here, else a T4."
     ),
     json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", metavar="OUTPUT_DIR",
+        help="Only draw OUTPUT_DIR/loss.png from the metrics of the run there (finished, running or interrupted).",
+    ),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
+    if plot is not None:
+        _plot(plot, config, overrides, dry_run)
+        return
+    if config is None:
+        raise UserError("Missing the config file: lora-train CONFIG.yaml [key=value ...] (see configs/ for examples), "
+                        "or lora-train --plot OUTPUT_DIR to draw the loss curves of a run.")
     from .config import load_config
     from .errors import TrainingStopped
 
@@ -102,6 +112,18 @@ def train_command(
             f"{_resume_command(config, overrides or [])}", markup=False, highlight=False, soft_wrap=True,
         )
         raise typer.Exit(128 + stopped.signum) from None
+
+
+def _plot(output_dir: Path, config: Optional[Path], overrides: Optional[List[str]], dry_run: bool) -> None:
+    from .training.plot import redraw
+
+    extra = [str(a) for a in ([config] if config is not None else []) + list(overrides or [])]
+    if extra or dry_run:
+        given = " ".join(extra + (["--dry-run"] if dry_run else []))
+        raise UserError(f"--plot OUTPUT_DIR draws a picture and trains nothing: it takes no config, overrides or "
+                        f"--dry-run (got {given}). Run lora-train --plot OUTPUT_DIR alone.")
+    path = redraw(output_dir)
+    err_console.print(Text(f"loss curves drawn to {path}"), highlight=False, soft_wrap=True)
 
 
 def _resume_command(config: Path, overrides: List[str]) -> str:

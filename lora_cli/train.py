@@ -8,6 +8,7 @@ swap. The pieces live in lora_cli/training/, one job per module.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -19,17 +20,27 @@ from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
 from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
-from .training import outdir
-from .training.checkpoint import load_rng_state, load_training_state, lora_settings, save_adapter_folder, set_rng_state
+from .training import outdir, trackers
+from .training.checkpoint import (
+    load_rng_state,
+    load_training_state,
+    lora_settings,
+    rng_state,
+    save_adapter_folder,
+    set_rng_state,
+)
 from .training.console import console, print_data_summary, print_dry_run, say_nothing
 from .training.loop import evaluate_and_track, fit, restore_best
-from .training.metrics import METRICS_NAME, MetricsSink, to_jsonl
+from .training.metrics import METRICS_NAME, SAMPLES_NAME, MetricsSink, to_jsonl
 from .training.optim import make_optimizer, make_scheduler
 from .training.plan import make_batches, total_steps
-from .training.resume import StartPlan, check_resumable_run, data_fingerprint, plan_start
+from .training.plot import PLOT_NAME, title_for, write_loss_plot
+from .training.resume import StartPlan, check_resumable_run, data_fingerprint, flat_config, plan_start
+from .training.samples import answer_prompts, load_prompts
 from .training.signals import StopRequests
 from .training.state import Run, TrainResult, TrainState
 from .training.step import check_distributed_type
+from .training.summary import print_summary
 
 
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
@@ -64,12 +75,17 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
 
     Raises TrainingStopped after Ctrl-C / SIGTERM: the checkpoint it wrote resumes with resume_from_checkpoint=auto.
     """
-    with contextlib.ExitStack() as cleanup:  # releases the output_dir lock however the run ends
+    with contextlib.ExitStack() as cleanup:  # releases the output_dir lock and ends the trackers however it ends
         run = setup(cfg, dry_run, quiet, cleanup)
         if run is None:
             return None
         with StopRequests(run.say, several_processes=run.accelerator.num_processes > 1) as stop:
-            last_loss, last_eval = fit(run, stop)
+            try:
+                last_loss, last_eval = fit(run, stop)
+            except TrainingStopped as stopped:
+                _end_trackers(run)
+                print_summary(run, None, stopped_at=stopped.checkpoint)
+                raise
             result = finish(run, last_loss, last_eval)
     if stop.signum is not None:  # the signal came during the final save, which completed
         raise TrainingStopped(stop.signum, run.state.global_step, run.out)
@@ -82,6 +98,10 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    started = time.perf_counter()
+    # Config errors that need no model, found before anything slow loads: a missing tracker, a missing prompt file.
+    trackers.check_installed(cfg.train.report_to)
+    prompts = load_prompts(cfg)
     precision = choose_precision(cfg.train.precision)
     out = Path(cfg.train.output_dir)
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
@@ -126,10 +146,16 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     run = Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
               report.target_modules, out, steps, MetricsSink(out, "", main, say_nothing), quiet, say=say)
     run.state = _initial_state(run, plan, data_fingerprint(bundle.train))
+    run.prompts, run.started = prompts, started
+    run.start_step = run.state.global_step
     if main and lock is None:
         cleanup.callback((lock := outdir.lock(out)).close)
-    run.sink = MetricsSink(out, run.state.run_name, writes=main, show=say_nothing)
-    run.sink.start(run.state.log_history)
+    saved_rng = rng_state()  # a tracker's start-up must not draw from the generators training uses
+    run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))
+    set_rng_state(saved_rng)
+    cleanup.callback(_end_trackers, run)  # also on a failure or a second Ctrl-C
+    run.sink = MetricsSink(out, run.state.run_name, writes=main, show=say_nothing, tracker=run.trackers)
+    run.sink.start(run.state.log_history, run.state.samples)
     if plan.checkpoint is not None:  # last, so nothing above draws from the restored generators
         set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
     return run
@@ -174,10 +200,12 @@ def _initial_state(run: Run, plan: StartPlan, fingerprint: str) -> TrainState:
         started = datetime.now().astimezone()
         return TrainState(total_steps=run.total_steps, num_processes=world, run_id=uuid.uuid4().hex,
                           run_started=started.isoformat(timespec="seconds"),
-                          run_name=started.strftime("run-%Y%m%d-%H%M%S"), data_fingerprint=fingerprint)
+                          run_name=run.cfg.train.run_name or started.strftime("run-%Y%m%d-%H%M%S"),
+                          data_fingerprint=fingerprint)
     check_resumable_run(plan.checkpoint, run.total_steps, world, fingerprint)
     state, best = load_training_state(plan.checkpoint.path, run)
     state.total_steps = run.total_steps
+    state.run_name = run.cfg.train.run_name or state.run_name  # a resumed run keeps its name unless given one
     run.best_weights = best if run.cfg.train.load_best_at_end else None
     return state
 
@@ -187,6 +215,7 @@ def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainRe
     state, bundle, t = run.state, run.bundle, run.cfg.train
     if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
         last_eval = evaluate_and_track(run)
+    answer_prompts(run)  # the final answers, unless this step's evaluation gave them
     if t.load_best_at_end and run.best_weights:
         restore_best(run)
         run.say(f"the final adapter is the best evaluated one: step {state.best_step} (eval loss "
@@ -199,11 +228,18 @@ def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainRe
         return result
     if t.merge_at_end:
         result.merged_dir = run.out / "merged"
+    _end_trackers(run)  # their files are closed before output_dir is swapped for the result
     outdir.publish(run.out, lambda folder: _write_result(run, folder), state.run_id, _result_bytes(run))
     run.say(f"adapter saved to {run.out}", markup=False)
     if result.merged_dir is not None:
         run.say(f"merged model saved to {result.merged_dir}", markup=False)
+    print_summary(run, run.out)
     return result
+
+
+def _end_trackers(run: Run) -> None:
+    if run.trackers is not None:
+        run.trackers.end()
 
 
 def _write_result(run: Run, folder: Path) -> None:
@@ -211,6 +247,10 @@ def _write_result(run: Run, folder: Path) -> None:
     cfg = run.cfg
     save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, run.state)
     atomic_write_text(folder / METRICS_NAME, to_jsonl(run.state.log_history))
+    if run.state.samples:
+        atomic_write_text(folder / SAMPLES_NAME, to_jsonl(run.state.samples))
+    title = title_for(cfg.model.name_or_path, cfg.data.path, run.state.run_name)
+    write_loss_plot(run.state.log_history, folder / PLOT_NAME, title, warn=run.say)
     if cfg.train.merge_at_end:
         from .merge import merge_adapter
 

@@ -43,7 +43,9 @@ def metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_dir, packing):
     model_dir = trainable_model_dir("llama")
-    common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2, "eval_steps": 2}
+    # With sample answers: only the main process generates (the other waits), and training is not disturbed.
+    common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2, "eval_steps": 2,
+              "eval_prompts": ["Where is the lighthouse?"], "eval_max_new_tokens": 4}
     data = {"packing": packing, "max_length": 24, "val_size": 3}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -63,6 +65,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_d
     records = [r for r in metrics(out_two) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in out_two.iterdir()) == sorted(p.name for p in out_one.iterdir())
+    samples = [json.loads(line) for line in (out_two / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [2, 4, 6]  # answered once per evaluation, not once per process
 
     # The same losses and the same adapter as one process with twice the accumulation.
     expected = [r["loss"] for r in metrics(out_one) if "loss" in r]

@@ -19,6 +19,7 @@ DataFormat = Literal["auto", "text", "alpaca", "chat"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 LoraInit = Literal["default", "gaussian"]
 Optimizer = Literal["adamw"]  # torch.optim.AdamW; a Literal so more can be added without a type change
+Tracker = Literal["tensorboard", "wandb"]  # experiment trackers, run through Accelerate's tracker classes
 
 ALL_LINEAR = "all-linear"
 
@@ -177,6 +178,48 @@ class TrainSection(_Section):
     early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evaluations without improvement
     early_stopping_threshold: float = Field(0.0, ge=0)  # the least decrease of eval loss that counts as one
     load_best_at_end: bool = False  # the final adapter is the one with the best evaluation loss
+    # Watching the run (none of these changes what is trained; all may change when a run is resumed):
+    report_to: list[Tracker] = Field(default_factory=list)  # [tensorboard], [wandb], both, or [] / none
+    run_name: str | None = None  # names runs/<run_name>/ and the tracker run; None = run-YYYYmmdd-HHMMSS
+    logging_dir: str | None = None  # where the trackers write; None = output_dir/runs
+    wandb_project: str | None = None  # None = $WANDB_PROJECT, else "lora-cli"
+    # prompts answered greedily (chat template) at every evaluation and at the end, or the path of a prompt file
+    eval_prompts: list[str] | str | None = None
+    eval_max_new_tokens: int = Field(64, gt=0)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        # HF's spelling: `report_to: none`, or one name as a plain string.
+        if value is None:
+            return []
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list) and all(isinstance(v, str) for v in values):
+            names = [v.strip().lower() for v in values]
+            return list(dict.fromkeys(n for n in names if n != "none"))
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]*", value):
+            raise PydanticCustomError(
+                "run_name", "must be a folder name of letters, digits and . _ - + = @ (no spaces or slashes, not "
+                "starting with a dot)"
+            )
+        return value
+
+    @field_validator("eval_prompts", mode="before")
+    @classmethod
+    def _check_eval_prompts(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip()):
+            return value
+        if isinstance(value, list) and value and all(isinstance(p, str) and p.strip() for p in value):
+            return value
+        raise PydanticCustomError(
+            "eval_prompts", "must be a list of prompts such as [\"What is LoRA?\"], or the path of a prompt file "
+            "(one prompt per line, or JSONL with a \"prompt\" field)"
+        )
 
 
 class Config(BaseModel):
@@ -200,10 +243,11 @@ def cross_section_problems(config: Config) -> list[str]:
     """Checks that need more than one section (run once every field is valid on its own)."""
     problems = []
     has_validation_data = config.data.val_size > 0 or config.data.val_path is not None
-    if config.train.eval_steps is not None and not has_validation_data:
+    if config.train.eval_steps is not None and not has_validation_data and not config.train.eval_prompts:
         problems.append(
-            f"train.eval_steps: is set but there is no validation data; set data.val_size (e.g. 0.05) or "
-            f"data.val_path, or remove train.eval_steps (got {config.train.eval_steps})"
+            f"train.eval_steps: is set but there is no validation data and no train.eval_prompts; set data.val_size "
+            f"(e.g. 0.05) or data.val_path, or train.eval_prompts, or remove train.eval_steps (got "
+            f"{config.train.eval_steps})"
         )
     for key in ("early_stopping_patience", "load_best_at_end"):
         value = getattr(config.train, key)

@@ -9,6 +9,7 @@ the tokenizer, lora_config.yaml) that also holds what an exact continuation need
     scaler.pt                 the fp16 loss scaler's state_dict (fp16 runs only)
     rng_state.pth             python, numpy, torch and CUDA RNG states of every process, indexed by rank
     best_adapter.safetensors  the best evaluated LoRA weights (train.load_best_at_end only)
+    loss.png                  the curves so far (training.plot; not needed to resume)
 
 It is written as a whole folder under a temporary name and renamed into place (fsutil.atomic_dir) at an optimizer
 step boundary, so a folder named checkpoint-<step> is always complete; `is_complete` checks anyway.
@@ -31,6 +32,7 @@ from ..config import Config, config_to_yaml
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, atomic_write_text, disk_full_message, is_disk_full
 from ..inject import LoraSettings, lora_state_dict
+from .plot import PLOT_NAME, title_for, write_loss_plot
 from .state import Run, TrainState
 
 STATE_NAME = "trainer_state.json"
@@ -83,6 +85,8 @@ def save_checkpoint(run: Run, best: dict | None) -> Path | None:
             _save_torch(tmp / RNG_NAME, rng_states)
             if best is not None:
                 save_file(best, str(tmp / BEST_NAME), metadata={"format": "pt"})
+            title = title_for(run.cfg.model.name_or_path, run.cfg.data.path, run.state.run_name)
+            write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
     except OSError as err:
         if is_disk_full(err):
             raise UserError(disk_full_message(f"checkpoint {final.name}", run.out, checkpoint_bytes(run.model))

@@ -34,12 +34,16 @@ def progress_bar(quiet: bool):
 
 
 def record_printer(progress, quiet: bool):
-    """record -> one console line above the progress bar (training and evaluation records alike)."""
+    """record -> one console line above the progress bar (training and evaluation records and sample answers)."""
 
     def show(record: dict) -> None:
         if quiet:
             return
-        if "eval_loss" in record:
+        if "answer" in record:  # a sample answer (train.eval_prompts): user text, never markup
+            answer = " ".join(record["answer"].split()) or "(empty)"
+            progress.console.print(f"step {record['step']} sample: {record['prompt']}\n  -> {answer}", markup=False,
+                                   highlight=False)
+        elif "eval_loss" in record:
             progress.console.print(
                 f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}"
             )

@@ -19,6 +19,7 @@ from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
 from .plan import collate, make_batches
+from .samples import answer_prompts
 from .signals import StopRequests
 from .state import Run
 from .step import accumulate_gradients, share_of_window, sum_over_processes
@@ -82,8 +83,8 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
                     }, state.log_history)
                     state.window_loss, state.window_tokens, window_real_tokens = 0.0, 0, 0
                     window_start = time.perf_counter()
-                if bundle.val and t.eval_steps and state.global_step % t.eval_steps == 0:
-                    last_eval = evaluate_and_track(run)
+                if t.eval_steps and state.global_step % t.eval_steps == 0:
+                    last_eval = evaluate_and_track(run) or last_eval
                 if state.global_step >= run.total_steps or state.stopped_early:
                     break
                 if _checkpoint_due(run):
@@ -93,8 +94,8 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
             else:  # the epoch ran out before max_steps
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                if bundle.val and not t.eval_steps:
-                    last_eval = evaluate_and_track(run)
+                if not t.eval_steps:
+                    last_eval = evaluate_and_track(run) or last_eval
     return last_loss, last_eval
 
 
@@ -151,7 +152,15 @@ def _any_process(run: Run, flag: bool) -> bool:
     return sum_over_processes(run.accelerator, float(flag)) > 0
 
 
-def evaluate_and_track(run: Run) -> dict:
+def evaluate_and_track(run: Run) -> dict | None:
+    """An evaluation: the validation loss (when there is validation data) and the sample answers (when there are
+    train.eval_prompts). The validation record, or None without validation data."""
+    record = validate_and_track(run) if run.bundle.val else None
+    answer_prompts(run)
+    return record
+
+
+def validate_and_track(run: Run) -> dict:
     """Evaluate, log, and keep the early-stopping and best-adapter bookkeeping."""
     state, t = run.state, run.cfg.train
     metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator)

@@ -1,8 +1,10 @@
-"""The one sink every record of a run goes through: the console line and the run's live metrics.jsonl.
+"""The one sink every record of a run goes through: the console line, the run's live metrics.jsonl, and the
+experiment trackers (train.report_to) when there are any. Sample answers (train.eval_prompts) go through it too,
+into the live samples.jsonl.
 
-The live file is output_dir/runs/<run_name>/metrics.jsonl (`tail -f` it); the result's metrics.jsonl is written
-with the adapter when the run finishes, so an unfinished run never replaces a finished one's. Records are strict
-JSON: a non-finite number (a NaN grad norm) is written as null.
+The live files are output_dir/runs/<run_name>/metrics.jsonl and samples.jsonl (`tail -f` them); the result's are
+written with the adapter when the run finishes, so an unfinished run never replaces a finished one's. Records are
+strict JSON: a non-finite number (a NaN grad norm) is written as null.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..fsutil import atomic_write_text
 
 LIVE_DIR = "runs"
 METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
 
 
 def strict(record: dict) -> dict:
@@ -22,28 +25,52 @@ def strict(record: dict) -> dict:
 
 
 def to_jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in records)
+    return "".join(_line(r) for r in records)
+
+
+def _line(record: dict) -> str:
+    # ensure_ascii=False: sample answers stay readable in any language (the files are UTF-8).
+    return json.dumps(strict(record), allow_nan=False, ensure_ascii=False) + "\n"
 
 
 class MetricsSink:
-    """Training and evaluation records -> console, the live metrics.jsonl (main process only), the run's history."""
+    """Records -> console, the live files (main process only), the trackers (a plug-in: `log(record)` and
+    `text(step, rows)`, see trackers.Trackers; None for none), and the run's history."""
 
-    def __init__(self, out: Path, run_name: str, writes: bool, show):
+    def __init__(self, out: Path, run_name: str, writes: bool, show, tracker=None):
         self.path = out / LIVE_DIR / run_name / METRICS_NAME
+        self.samples_path = self.path.with_name(SAMPLES_NAME)
         self.writes = writes  # only the main process writes
-        self.show = show  # record -> None: the console line, or nothing when quiet
+        self.show = show  # record (or sample row) -> None: the console line, or nothing when quiet
+        self.tracker = tracker
 
-    def start(self, history: list[dict]) -> None:
-        """Begin the live file with the records so far: none for a fresh run, the checkpoint's for a resumed one
+    def start(self, history: list[dict], samples: list[dict] = ()) -> None:
+        """Begin the live files with the records so far: none for a fresh run, the checkpoint's for a resumed one
         (so records the interrupted run logged after its last checkpoint are not duplicated)."""
         if self.writes:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, to_jsonl(history))
+            if samples or self.samples_path.exists():
+                atomic_write_text(self.samples_path, to_jsonl(samples))
 
     def log(self, record: dict, history: list[dict]) -> None:
         record = strict(record)
         self.show(record)
-        if self.writes:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+        self._append(self.path, [record])
+        if self.tracker is not None:
+            self.tracker.log(record)
         history.append(record)
+
+    def log_samples(self, rows: list[dict], history: list[dict]) -> None:
+        """Sample answers of one step: rows of {"step", "prompt", "answer"}."""
+        for row in rows:
+            self.show(row)
+        self._append(self.samples_path, rows)
+        if self.tracker is not None and rows:
+            self.tracker.text(rows[0]["step"], rows)
+        history.extend(rows)
+
+    def _append(self, path: Path, records: list[dict]) -> None:
+        if self.writes and records:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(to_jsonl(records))

@@ -3,9 +3,11 @@
     output_dir/
       adapter_config.json, adapter_model.safetensors, tokenizer files,    the result: a PEFT-loadable adapter
       lora_config.yaml, trainer_state.json, metrics.jsonl, ...            folder, published as a whole
+      loss.png, samples.jsonl                                             curves; answers to train.eval_prompts
       merged/                                                             (train.merge_at_end)
       checkpoint-<step>/                                                  full-state checkpoints, each atomic
-      runs/<run_name>/metrics.jsonl                                       the live log of a running job
+      runs/<run_name>/metrics.jsonl, samples.jsonl                        the live logs of a running job
+      runs/<run_name>/events.out.tfevents.*                               TensorBoard (train.report_to)
 
 While training, only checkpoints and the live log under runs/ are written into output_dir; an older result there
 stays untouched until the new one is complete. The result is then built in a hidden sibling folder, the entries of
@@ -51,6 +53,7 @@ LIVE_DIR = "runs"
 # What earlier versions wrote as the result (they wrote no manifest): replaced, never carried over.
 KNOWN_RESULT_NAMES = (
     CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "lora_config.yaml", "trainer_state.json", "metrics.jsonl",
+    "loss.png", "samples.jsonl",
     "merged", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template.*", "*.model",
 )

@@ -27,7 +27,8 @@ MAY_CHANGE = {
     "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit",
     "train.save_minutes", "train.merge_at_end", "train.max_nonfinite_steps", "train.gradient_checkpointing",
     "train.early_stopping_patience", "train.early_stopping_threshold", "train.load_best_at_end",
-    "model.trust_remote_code",
+    "model.trust_remote_code", "train.report_to", "train.run_name", "train.logging_dir", "train.wandb_project",
+    "train.eval_prompts", "train.eval_max_new_tokens",
 }
 RESUME_HINT = "train.resume_from_checkpoint=auto"
 
@@ -105,7 +106,7 @@ def _finished(out: Path, cfg: Config, newest: CheckpointInfo | None) -> bool:
     if newest is not None and (newest.run_id != state["run_id"] or newest.step > state.get("global_step", 0)):
         return False
     saved = _saved_config(out / CONFIG_COPY_NAME)
-    now = _flatten(yaml.safe_load(config_to_yaml(cfg)))
+    now = flat_config(cfg)
     same_length = all(saved.get(k) == now.get(k) for k in ("train.max_steps", "train.epochs"))
     return same_length and not _differences(saved, now)
 
@@ -135,6 +136,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def flat_config(cfg: Config) -> dict:
+    """The resolved config as {"section.key": value}."""
+    return _flatten(yaml.safe_load(config_to_yaml(cfg)))
+
+
 def _saved_config(path: Path) -> dict:
     try:
         return _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
@@ -149,7 +155,7 @@ def _differences(saved: dict, now: dict) -> list[str]:
 
 def check_compatible(checkpoint: CheckpointInfo, cfg: Config) -> None:
     saved = _saved_config(checkpoint.path / CONFIG_COPY_NAME)
-    now = _flatten(yaml.safe_load(config_to_yaml(cfg)))
+    now = flat_config(cfg)
     differences = _differences(saved, now)
     if differences:
         listing = "\n  - ".join(differences)

@@ -34,6 +34,8 @@ class TrainState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     log_history: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # sample answers to train.eval_prompts: step, prompt, answer
+    samples_step: int | None = None  # the step last answered at, on every process (only the main one has `samples`)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
@@ -72,6 +74,11 @@ class Run:
     say: object = print  # message -> None on the main process, nothing elsewhere
     best_weights: dict | None = None  # LoRA tensors of the best evaluation (train.load_best_at_end)
     last_save: float = 0.0  # time.monotonic() of the last checkpoint, for train.save_minutes
+    prompts: list[str] = field(default_factory=list)  # train.eval_prompts, read before the model loaded
+    trackers: object = None  # trackers.Trackers on the main process when train.report_to names any
+    started: float = 0.0  # time.perf_counter() when setup began, for the closing summary
+    start_step: int = 0  # where this part of the run began (a resumed run: the checkpoint's step)
+    samples_seconds: float = 0.0  # time spent answering train.eval_prompts in this part, for the closing summary
 
     @property
     def main(self) -> bool:

@@ -1,0 +1,89 @@
+"""Sample answers while training (train.eval_prompts): what the model answers, at every evaluation and at the end.
+
+When: with every evaluation (every train.eval_steps when set, else at the end of each epoch; with or without
+validation data) and once at the end. Each prompt is answered greedily with the tokenizer's chat template (as
+lora-generate does) in at most train.eval_max_new_tokens tokens. The rows {"step", "prompt", "answer"} go through
+the metrics sink: printed under the progress bar, appended to runs/<run_name>/samples.jsonl, logged to the trackers
+as text, and kept in the training state (so a resumed run continues the file without duplicates and the result's
+samples.jsonl holds them all).
+
+Answering must not change the training: the model is put in eval mode under no_grad, with its KV cache on (gradient
+checkpointing turns it off) and sdpa attention instead of the packed-attention variant (data.packing), and every RNG
+state is saved before and restored after; a run with prompts trains exactly the adapter a run without them trains.
+Under several processes only the main one answers; the others wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from .checkpoint import rng_state, set_rng_state
+from .state import Run
+
+
+def load_prompts(cfg) -> list[str]:
+    """train.eval_prompts as a list (read from its file when it is a path); checked before the model loads."""
+    value = cfg.train.eval_prompts
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return list(value)
+    from ..generate import read_prompt_file
+
+    if not Path(value).is_file():
+        raise UserError(
+            f"train.eval_prompts: '{value}' is not a file. Give the path of a prompt file (one prompt per line, or "
+            f"JSONL with a \"prompt\" field), or write the prompts as a list: eval_prompts: [\"{value}\"]."
+        )
+    return read_prompt_file(value)
+
+
+def answer_prompts(run: Run) -> None:
+    """Answer train.eval_prompts with the model as it is now and log the rows (main process; the others wait).
+    Once per step: the end of a run whose last step had an evaluation adds nothing."""
+    if not run.prompts or run.state.samples_step == run.state.global_step:
+        return
+    run.state.samples_step = run.state.global_step  # on every process, so all agree on the barrier below
+    if run.main:
+        step, started = run.state.global_step, time.perf_counter()
+        with _generation_mode(run):
+            answers = [_answer(run, prompt) for prompt in run.prompts]
+        rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
+        run.sink.log_samples(rows, run.state.samples)
+        run.samples_seconds += time.perf_counter() - started
+    run.accelerator.wait_for_everyone()
+
+
+def _answer(run: Run, prompt: str) -> str:
+    from ..generate import generate_text
+
+    with run.accelerator.autocast():  # the precision the model trains and evaluates in
+        return generate_text(run.model, run.tokenizer, prompt, max_new_tokens=run.cfg.train.eval_max_new_tokens,
+                             temperature=0.0, chat_template=True)
+
+
+@contextlib.contextmanager
+def _generation_mode(run: Run):
+    """Eval mode, KV cache on, plain sdpa attention, RNG untouched; all put back as it was afterwards."""
+    from ..packing import PACKED_SDPA
+
+    model = run.model
+    config = model.config
+    was_training, use_cache = model.training, getattr(config, "use_cache", None)
+    attention = getattr(config, "_attn_implementation", None)
+    saved_rng = rng_state()
+    model.eval()
+    config.use_cache = True
+    if attention == PACKED_SDPA:  # packed_attention switches only sdpa models, so sdpa is what it replaced
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if attention == PACKED_SDPA:
+            model.set_attn_implementation(PACKED_SDPA)
+        config.use_cache = use_cache
+        model.train(was_training)
+        set_rng_state(saved_rng)
