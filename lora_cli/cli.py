@@ -76,7 +76,7 @@ def train_command(
         False, "--estimate", help="Estimate the GPU memory a training step needs (reads only config.json), then stop."
     ),
     gpu: Optional[str] = typer.Option(
-        None, "--gpu", help="With --estimate: the GPU to check, t4 | 2080ti | 3080 | a size like 24GB. "
+        None, "--gpu", help="With --estimate or --dry-run: the GPU to check, t4 | 2080ti | 3080 | a size like 24GB. "
         "Default: the GPU here, else a T4."
     ),
     json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
@@ -100,12 +100,13 @@ def train_command(
     if estimate:  # before anything loads a model or data
         _print_estimate(cfg, gpu, json_output)
         return
-    if gpu is not None or json_output:
-        raise UserError("--gpu and --json go with --estimate, e.g. lora-train config.yaml --estimate --gpu t4 --json")
+    if json_output or (gpu is not None and not dry_run):
+        raise UserError("--json goes with --estimate, --gpu with --estimate or --dry-run, e.g. lora-train config.yaml "
+                        "--estimate --gpu t4 --json")
     from .train import train
 
     try:
-        train(cfg, dry_run=dry_run)
+        train(cfg, dry_run=dry_run, gpu=gpu)
     except TrainingStopped as stopped:
         err_console.print(
             f"stopped at step {stopped.step}; saved in {stopped.checkpoint}. To continue, run:\n  "

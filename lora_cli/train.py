@@ -70,13 +70,13 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResult | None:
+def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | None = None) -> TrainResult | None:
     """Train and publish the adapter. None for a dry run, or when output_dir already holds this finished run.
 
     Raises TrainingStopped after Ctrl-C / SIGTERM: the checkpoint it wrote resumes with resume_from_checkpoint=auto.
     """
     with contextlib.ExitStack() as cleanup:  # releases the output_dir lock and ends the trackers however it ends
-        run = setup(cfg, dry_run, quiet, cleanup)
+        run = setup(cfg, dry_run, quiet, cleanup, gpu)
         if run is None:
             return None
         with StopRequests(run.say, several_processes=run.accelerator.num_processes > 1) as stop:
@@ -92,7 +92,7 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False) -> TrainResul
     return result
 
 
-def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack) -> Run | None:
+def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack, gpu: str | None = None) -> Run | None:
     """Everything before the first step: where to start, precision, Accelerate, model, LoRA, data, optimizer, and
     for a resumed run every state the checkpoint holds."""
     from accelerate import Accelerator
@@ -126,7 +126,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
         print_data_summary(bundle)
     if dry_run:
         if main:
-            print_dry_run(cfg, tokenizer, bundle)
+            print_dry_run(cfg, tokenizer, bundle, _memory_estimate(cfg, bundle, gpu))
         return None
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -159,6 +159,16 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     if plan.checkpoint is not None:  # last, so nothing above draws from the restored generators
         set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
     return run
+
+
+def _memory_estimate(cfg: Config, bundle, gpu: str | None) -> str:
+    """--dry-run's memory estimate, from the data it has just tokenized (the longest batch it will really see)."""
+    from .estimate import estimate_for_config, format_estimate
+
+    try:
+        return format_estimate(estimate_for_config(cfg, gpu, data=bundle))
+    except UserError as err:
+        return f"no estimate: {err}"
 
 
 def _printer(main: bool):

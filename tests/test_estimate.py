@@ -129,3 +129,23 @@ def test_longest_example_comes_from_tokenizing_local_data(tiny_model_dir, tmp_pa
     assert any("longest example" in note for note in result.notes)
     cfg_packed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": True})})
     assert estimate_for_config(cfg_packed, "t4").shape.seq_len == 512
+
+
+def test_dry_run_prints_the_estimate_for_the_data_it_tokenized(tmp_path, trainable_model_dir):
+    """--dry-run ends with the memory estimate, for the GPU given with --gpu, sized by the longest real example."""
+    import json as json_lib
+
+    model_dir = trainable_model_dir("llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json_lib.dumps({"text": "short text " * (i + 1)}) + "\n" for i in range(6)))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{name_or_path: {model_dir}}}\ndata: {{path: {data}, max_length: 256}}\n"
+                      f"train: {{output_dir: {tmp_path / 'out'}}}\n")
+    result = CliRunner().invoke(train_app, [str(config), "--dry-run", "--gpu", "2080ti"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split("GPU memory estimate")[1].split())
+    assert "RTX 2080 Ti" in text and "of 11.00 GiB" in text, text
+    assert "activations" in text and ("FITS" in text or "fits" in text)
+    assert "dry run: nothing was trained" in result.output
+    bad = CliRunner().invoke(train_app, [str(config), "--json"])
+    assert bad.exit_code == 2 and "--json goes with --estimate" in bad.output

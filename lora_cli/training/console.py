@@ -73,11 +73,13 @@ def print_data_summary(bundle) -> None:
                       "were dropped.")
 
 
-def print_dry_run(cfg: Config, tokenizer, bundle) -> None:
+def print_dry_run(cfg: Config, tokenizer, bundle, memory: str) -> None:
     out = Console()
     out.rule("resolved config")
     out.print(config_to_yaml(cfg), markup=False, highlight=False)
     out.rule("first training example (trained tokens highlighted)")
     if bundle.train:
         out.print(data_lib.preview(bundle.train[0], tokenizer))
+    out.rule("GPU memory estimate (lora-train --estimate)")
+    out.print(memory, markup=False, highlight=False, soft_wrap=True)
     out.rule("dry run: nothing was trained")
