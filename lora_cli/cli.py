@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -50,7 +51,8 @@ def handle_errors(func):
         except UserError as err:
             if debug:
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+            # escape: a message may hold text that looks like markup, e.g. pip install -e ".[qlora]"
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
@@ -129,6 +131,9 @@ def generate_command(
     ),
     chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat on stdin; /exit or Ctrl-D ends."),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the weights in memory (same output)."),
+    load_in_4bit: bool = typer.Option(
+        False, "--load-in-4bit", help="Load MODEL's linear layers in 4 bits (NF4, as QLoRA trains); needs bitsandbytes."
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy, deterministic."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold (sampling only)."),
@@ -159,7 +164,7 @@ def generate_command(
     gen.check_output_file(output)
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     lm, tokenizer = gen.load_for_generation(model, adapter, merge, revision=revision,
-                                            trust_remote_code=trust_remote_code, log=status)
+                                            trust_remote_code=trust_remote_code, log=status, load_in_4bit=load_in_4bit)
     with open(output, "w", encoding="utf-8") if output is not None else contextlib.nullcontext() as out_file:
         record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
         if chat:

@@ -66,14 +66,16 @@ def load_for_generation(
     revision: str | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
+    load_in_4bit: bool = False,
 ):
     """(model, tokenizer) ready to generate: on CUDA if available (bf16 on compute capability >= 8, fp16 below),
-    else CPU fp32. With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
+    else CPU fp32. With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory.
+    `load_in_4bit`: the base in NF4 4-bit (as a QLoRA run trained it), computing in that dtype."""
     device = device or model_device()
     if dtype is None:
         dtype = base_dtype("auto", choose_precision("auto")) if device.startswith("cuda") else torch.float32
     loaded = load_model(ModelSource(model, revision, trust_remote_code), dtype=dtype, device=device,
-                        adapter_dir=adapter, merge=merge, log=log)
+                        adapter_dir=adapter, merge=merge, load_in_4bit=load_in_4bit, log=log)
     return loaded.model.eval(), loaded.tokenizer
 
 

@@ -78,6 +78,8 @@ _ALIASES = {
     "sequence_len": "data.max_length",
     "max_seq_length": "data.max_length",
     "max_seq_len": "data.max_length",
+    "quantization_bit": "model.load_in_4bit",
+    "load_in_8bit": "model.load_in_4bit",
 }
 
 _REQUIRED_HINTS = {

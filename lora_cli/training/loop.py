@@ -6,6 +6,7 @@ import time
 
 from .. import packing as packing_lib
 from ..errors import UserError
+from ..models import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
@@ -48,7 +49,8 @@ def fit(run: Run) -> tuple[float | None, dict | None]:
                     state.skipped_steps += 1
                     consecutive_nonfinite += 1
                     if consecutive_nonfinite >= t.max_nonfinite_steps:
-                        raise UserError(nonfinite_message(consecutive_nonfinite, run.precision, t.learning_rate))
+                        raise UserError(nonfinite_message(consecutive_nonfinite, run.precision, t.learning_rate,
+                                                          fp16_risk(run.model, run.precision, at_start=False)))
                     continue
                 consecutive_nonfinite = 0
                 grad_norm = None
@@ -105,7 +107,7 @@ def run_eval(run: Run) -> dict:
     return record
 
 
-def nonfinite_message(count: int, precision, lr: float) -> str:
+def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None) -> str:
     hint = (
         "fp16 overflows easily: use train.precision=bf16 on a GPU that has it (compute capability >= 8.0) or "
         "train.precision=fp32, "
@@ -115,5 +117,5 @@ def nonfinite_message(count: int, precision, lr: float) -> str:
     return (
         f"The loss was non-finite (NaN or inf) for {count} optimizer steps in a row, so training stopped. "
         f"{hint}lower train.learning_rate (now {lr:g}), or keep train.max_grad_norm set. Nothing was saved from "
-        "this run beyond earlier checkpoints."
+        "this run beyond earlier checkpoints." + (f" Note: {model_risk}" if model_risk else "")
     )
