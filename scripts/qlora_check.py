@@ -111,7 +111,7 @@ def cmd_upcast(args) -> None:
         err = ((grad - ref_grad).norm() / ref_grad.norm()).item()
         cos = torch.nn.functional.cosine_similarity(grad, ref_grad, 0).item()
         print(f"  {label}: loss {loss - ref_loss:+.4f} from the reference; LoRA gradient relative error {err:.3f} "
-              f"(cosine {cos:.4f}); unquantized weights {weights / 2**20:.0f} MB")
+              f"(cosine {cos:.4f}); weights outside the 4-bit layers (LoRA included) {weights / 2**20:.0f} MB")
 
 
 def cmd_merge_gap(args) -> None:
