@@ -3,15 +3,21 @@
 The reference for every 4-bit number is the fp32 model whose linear weights are replaced by the dequantized 4-bit
 ones: the same function computed without bitsandbytes, so loss, logits and LoRA gradients must agree to fp32
 rounding. How far the 4-bit model is from the original fp32 model is a property of NF4, measured and stated below.
+
+The models are the tiny test architectures widened to hidden size 64: bitsandbytes' CPU kernels quantize rows
+shorter than its 64-value block badly (measured on the hidden-32 models: 13-42% relative error for in_features 32,
+against 9% for 64 and up, as for Gaussian data). Real models have rows of 576 values and more.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from typer.testing import CliRunner
 
@@ -26,6 +32,37 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 
 IDS = tiny.sample_input_ids()
+WIDE = {"llama": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16},
+        "qwen2": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}, "gpt2": {"n_embd": 64}}
+
+
+def save_wide(arch: str, path: Path, init_range: float | None = None) -> Path:
+    """tiny.save_model with hidden size 64 (4 heads of 16)."""
+    tokenizer = tiny.make_tokenizer()
+    config = tiny.ARCH_CONFIGS[arch]()
+    for key, value in WIDE[arch].items():
+        setattr(config, key, value)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, tokenizer.eos_token_id, tokenizer.pad_token_id
+    if init_range is not None:
+        config.initializer_range = init_range
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = config.eos_token_id, config.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cache = {}
+
+    def get(arch: str = "llama", init_range: float | None = None) -> Path:
+        if (arch, init_range) not in cache:
+            cache[arch, init_range] = save_wide(arch, tmp_path_factory.mktemp(f"wide_{arch}"), init_range)
+        return cache[arch, init_range]
+
+    return get
 
 
 def load_4bit(folder) -> nn.Module:
@@ -68,8 +105,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_decoder_linears_are_nf4_double_quantized_and_the_rest_is_not(tiny_model_dir, arch):
-    model = load_4bit(tiny_model_dir(arch))
+def test_decoder_linears_are_nf4_double_quantized_and_the_rest_is_not(model_dir, arch):
+    model = load_4bit(model_dir(arch))
     layers = four_bit_layers(model)
     # Every decoder projection, GPT-2's Conv1D included (transformers turns them into Linear4bit).
     assert len(layers) == {"llama": 14, "gpt2": 8}[arch]
@@ -85,23 +122,43 @@ def test_decoder_linears_are_nf4_double_quantized_and_the_rest_is_not(tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(tiny_model_dir, arch):
-    folder = tiny_model_dir(arch)
+def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(model_dir, arch):
+    folder = model_dir(arch)
     quantized = load_4bit(folder)
     reference = dequantized_copy(folder, quantized)
     # The same function: only fp32 rounding in a different order.
     assert rel(logits(quantized), logits(reference)) < 1e-5
-    # NF4 itself: each weight moves by ~10% of the matrix's RMS (relative Frobenius error 0.09-0.10 measured on
-    # these models and on SmolLM2-135M). On these 2-layer random models that moves the logits by 8-24% RMS of their
-    # spread (llama 0.24, gpt2 0.08, qwen2 0.13); bound 0.35. Far from it means a broken quantization (a transposed
-    # or unquantized weight gives 0 or > 1).
-    fp32 = logits(load_base_model(str(folder)))
-    spread = ((logits(quantized) - fp32).pow(2).mean().sqrt() / fp32.std()).item()
-    assert 0.02 < spread < 0.35, spread
+    # NF4 itself moves each weight by ~9% of its matrix's RMS: relative Frobenius error 0.089-0.095 measured on every
+    # layer of these models, 0.093 on SmolLM2-135M, 0.092 on Gaussian data.
+    fp32 = load_base_model(str(folder))
+    for name, layer in four_bit_layers(quantized).items():
+        original = fp32.get_submodule(name)
+        weight = original.weight if isinstance(original, nn.Linear) else original.weight.t()  # Conv1D: W^T
+        nf4 = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert 0.07 < ((nf4 - weight).norm() / weight.norm()).item() < 0.11, name
+    # Through two random layers that moves the logits by 9-10% RMS of their spread (measured: llama 0.103, gpt2
+    # 0.086, qwen2 0.104); bound 0.2. A transposed, unquantized or badly quantized weight lands far outside.
+    expected = logits(fp32)
+    spread = ((logits(quantized) - expected).pow(2).mean().sqrt() / expected.std()).item()
+    assert 0.03 < spread < 0.2, spread
 
 
-def test_4bit_layers_are_lora_targets_except_the_head(tiny_model_dir):
-    model = load_4bit(tiny_model_dir("llama"))
+@pytest.mark.parametrize("capability,compute", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
+def test_the_4bit_layers_compute_in_the_training_precision_on_its_device(capability, compute):
+    from lora_cli.models import base_quantization, choose_precision, quantization_kwargs
+
+    precision = choose_precision("auto", capability=capability)
+    assert base_quantization(True, precision) == {"load_in_4bit": True, "compute_dtype": compute,
+                                                  "device": "cpu" if capability is None else "cuda"}
+    assert base_quantization(False, precision) == {}
+    kwargs = quantization_kwargs(compute, "cpu")
+    config = kwargs["quantization_config"]
+    assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert config.bnb_4bit_compute_dtype == compute and kwargs["device_map"] == {"": "cpu"}
+
+
+def test_4bit_layers_are_lora_targets_except_the_head(model_dir):
+    model = load_4bit(model_dir("llama"))
     default, _ = resolve_target_paths(model, LoraSettings())
     assert [p.rsplit(".", 1)[1] for p in default] == ["q_proj", "v_proj"] * 2
     every, written = resolve_target_paths(model, LoraSettings(target_modules="all-linear"))
@@ -121,8 +178,8 @@ def test_an_8bit_layer_is_not_a_lora_target():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("variant", [{}, {"use_rslora": True}, {"use_dora": True}])
-def test_lora_gradients_on_the_4bit_base_match_the_dequantized_reference(tiny_model_dir, arch, variant):
-    folder = tiny_model_dir(arch)
+def test_lora_gradients_on_the_4bit_base_match_the_dequantized_reference(model_dir, arch, variant):
+    folder = model_dir(arch)
     quantized = load_4bit(folder)
     reference = dequantized_copy(folder, quantized)
     settings = LoraSettings(r=4, alpha=8, target_modules="all-linear", **variant)
@@ -148,8 +205,8 @@ def test_lora_gradients_on_the_4bit_base_match_the_dequantized_reference(tiny_mo
         assert rel(grad, expected[name]) < 1e-5, name
 
 
-def test_lora_dropout_on_a_4bit_base_trains(tiny_model_dir):
-    model = load_4bit(tiny_model_dir("llama"))
+def test_lora_dropout_on_a_4bit_base_trains(model_dir):
+    model = load_4bit(model_dir("llama"))
     apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.5, use_dora=True, target_modules="all-linear"))
     randomise_b(model)
     model.train()
@@ -157,12 +214,12 @@ def test_lora_dropout_on_a_4bit_base_trains(tiny_model_dir):
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(tiny_model_dir):
+def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(model_dir):
     from lora_cli.train import enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):
-        model = load_4bit(tiny_model_dir("llama"))
+        model = load_4bit(model_dir("llama"))
         torch.manual_seed(0)
         apply_lora(model, LoraSettings(r=4, alpha=8, target_modules="all-linear"))
         randomise_b(model)
@@ -176,8 +233,8 @@ def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(tiny_mod
         assert torch.allclose(plain, checkpointed, rtol=1e-5, atol=1e-7)
 
 
-def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(tiny_model_dir):
-    model = load_4bit(tiny_model_dir("llama"))
+def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(model_dir):
+    model = load_4bit(model_dir("llama"))
     apply_lora(model, LoraSettings(r=4, alpha=8))
     randomise_b(model)
     before = logits(model)
@@ -190,9 +247,9 @@ def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def qlora_adapter(tiny_model_dir, tmp_path_factory):
+def qlora_adapter(model_dir, tmp_path_factory):
     """(base folder, adapter folder, logits of the 4-bit base + adapter) for an all-linear adapter."""
-    folder = tiny_model_dir("llama")
+    folder = model_dir("llama")
     model = load_4bit(folder)
     settings = LoraSettings(r=4, alpha=8, target_modules="all-linear")
     report = apply_lora(model, settings)
@@ -201,7 +258,7 @@ def qlora_adapter(tiny_model_dir, tmp_path_factory):
     return folder, out, logits(model)
 
 
-def test_qlora_adapter_is_the_same_format_and_loads_on_fp32_and_4bit_bases(qlora_adapter, tiny_model_dir):
+def test_qlora_adapter_is_the_same_format_and_loads_on_fp32_and_4bit_bases(qlora_adapter, model_dir):
     folder, adapter, quantized_logits = qlora_adapter
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(folder)
@@ -215,7 +272,7 @@ def test_qlora_adapter_is_the_same_format_and_loads_on_fp32_and_4bit_bases(qlora
     wrong = load_4bit(folder)
     apply_lora(wrong, LoraSettings(r=2, alpha=8, target_modules="all-linear"))
     bad = save_adapter(wrong, adapter.parent / "rank2", LoraSettings(r=4, alpha=8), "all-linear", str(folder))
-    with pytest.raises(UserError, match=r"expected shape \[4, 32\], found \[2, 32\]"):
+    with pytest.raises(UserError, match=r"expected shape \[4, 64\], found \[2, 64\]"):
         load_adapter(load_4bit(folder), bad)
 
 
@@ -246,7 +303,7 @@ def test_lora_merge_of_a_qlora_adapter_merges_into_the_unquantized_base(qlora_ad
     # What the merged model is not: the 4-bit model the adapter was trained on. The difference is NF4's rounding
     # of the base (the test above), not the adapter: the same bound holds.
     spread = ((logits(merged) - quantized_logits).pow(2).mean().sqrt() / quantized_logits.std()).item()
-    assert spread < 0.35
+    assert spread < 0.2
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -270,7 +327,7 @@ def test_lora_generate_load_in_4bit_runs_the_adapter_on_the_4bit_base(qlora_adap
     assert merged.exit_code == 2 and "--merge and --load-in-4bit" in merged.output
 
 
-def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path, model_dir, monkeypatch):
     import transformers
 
     from lora_cli.cli import generate_app, train_app
@@ -282,12 +339,12 @@ def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path,
         raise AssertionError("the model was loaded before the missing package was reported")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
-    config = make_config(tmp_path, tiny_model_dir("llama"), model={"load_in_4bit": True})
+    config = make_config(tmp_path, model_dir("llama"), model={"load_in_4bit": True})
     result = CliRunner().invoke(train_app, [str(config)])
     text = " ".join(result.output.split())  # the terminal width wraps lines
     assert result.exit_code == 2, result.output
     assert "model.load_in_4bit" in text and 'pip install -e ".[qlora]"' in text and "Traceback" not in text
-    result = CliRunner().invoke(generate_app, [str(tiny_model_dir("llama")), "--prompt", "hi", "--load-in-4bit"])
+    result = CliRunner().invoke(generate_app, [str(model_dir("llama")), "--prompt", "hi", "--load-in-4bit"])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "--load-in-4bit" in text and 'pip install -e ".[qlora]"' in text
 
@@ -295,12 +352,12 @@ def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path,
 # --- training -------------------------------------------------------------------------------------------------
 
 
-def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path, trainable_model_dir):
+def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path, model_dir):
     from lora_cli.cli import merge_app, train_app
     from lora_cli.config import load_config
     from test_train import losses, make_config
 
-    folder = trainable_model_dir("llama")
+    folder = model_dir("llama", init_range=0.2)  # wide weights: LoRA can drive the loss down fast
     config = make_config(tmp_path, folder, model={"quantization_bit": 4}, train={"gradient_checkpointing": True})
     result = CliRunner().invoke(train_app, [str(config)])
     assert result.exit_code == 0, result.output
