@@ -241,6 +241,13 @@ def base_quantization(load_in_4bit: bool, precision: PrecisionChoice) -> dict:
 
 def check_4bit_support(what: str = "model.load_in_4bit") -> None:
     """bitsandbytes is an optional extra: say how to get it before anything slow is loaded."""
+    import logging
+
+    # On CPUs with AVX512-BF16 bitsandbytes' import logs a warning suggesting an optional `kernels` package for its
+    # CPU inference kernel, which lora-cli never uses (see _keep_standard_4bit_layout); keep it off the terminal.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    previous_level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as err:
@@ -249,6 +256,8 @@ def check_4bit_support(what: str = "model.load_in_4bit") -> None:
             f"with: {BNB_INSTALL_HINT}. Or turn 4-bit loading off (model.load_in_4bit: false in a config, no "
             "--load-in-4bit for lora-generate)."
         ) from None
+    finally:
+        cpu_ops_log.setLevel(previous_level)
     import transformers
     from transformers.utils import is_bitsandbytes_available
 
