@@ -4,6 +4,8 @@
     python scripts/qlora_check.py logits                   # the 4-bit base against the fp32 base
     python scripts/qlora_check.py upcast --dtype float16   # which unquantized parts to keep in half precision
     python scripts/qlora_check.py merge-gap outputs/quickstart_qlora   # lora-merge's result vs the trained model
+    python scripts/qlora_check.py --threads 1 layer        # the LoRA layer over a 4-bit base: plain vs fused
+    python scripts/qlora_check.py footprint                # weights and RSS after loading, fp32 vs 4-bit
 
 `--model` defaults to models/SmolLM2-135M-Instruct (scripts/fetch_smollm2.py). Logits are compared where they
 predict an answer's tokens: the quickstart's 48 training conversations (logits), its 5 held-out questions with the
@@ -58,8 +60,9 @@ def compare(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) ->
     a, b = reference[keep].float(), other[keep].float()
     log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
     kl = (log_a.exp() * (log_a - log_b)).sum(-1)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
     return (f"max |logit diff| {(a - b).abs().max():.3g} (max |logit| {a.abs().max():.3g}); RMS diff / logit std "
-            f"{(a - b).pow(2).mean().sqrt() / a.std():.3f}; top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.0%}; "
+            f"{(a - b).pow(2).mean().sqrt() / a.std():.3f}; top-1 agreement {agree:.0%}; "
             f"KL(reference || other) mean {kl.mean():.3f}, max {kl.max():.3f} nats")
 
 
@@ -138,12 +141,70 @@ def cmd_merge_gap(args) -> None:
     print("  " + compare(b, a, mask))
 
 
+def cmd_layer(args) -> None:
+    """Forward + backward of one LoRA layer (r=16) over a 4-bit base, 1024 tokens, alternating, median of 20:
+    the plain path lora-cli takes, and the fused node fed the dequantized W (an upper bound for a fused 4-bit path:
+    it saves that 16-bit W for backward, which a real one could not afford)."""
+    import statistics
+    import time
+
+    import bitsandbytes as bnb
+
+    from lora_cli.lora import LoraLinear, _FusedLoraLinear
+
+    for in_f, out_f in ((576, 1536), (1536, 576), (2048, 2048)):
+        base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f) * 0.02, requires_grad=False, quant_type="nf4")
+        base = base.to("cpu")
+        base.support_avx512bf16_for_cpu = False
+        layer = LoraLinear.from_base(base, r=16, alpha=32)
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
+        x = torch.randn(1024, in_f, requires_grad=True)
+
+        def plain():
+            layer(x).sum().backward()
+
+        def fused_dequantized():
+            weight = layer.dense_weight()
+            _FusedLoraLinear.apply(x, None, weight, None, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                                   False).sum().backward()
+
+        times = {f.__name__: [] for f in (plain, fused_dequantized)}
+        for _ in range(21):
+            for f in (plain, fused_dequantized):
+                start = time.perf_counter()
+                f()
+                times[f.__name__].append(time.perf_counter() - start)
+        ms = {name: statistics.median(t[1:]) * 1000 for name, t in times.items()}
+        print(f"{in_f} -> {out_f}: plain {ms['plain']:.1f} ms, fused on the dequantized W "
+              f"{ms['fused_dequantized']:.1f} ms ({ms['plain'] / ms['fused_dequantized']:.2f}x)")
+
+
+def cmd_footprint(args) -> None:
+    """Each load in its own process, so its RSS is its own."""
+    import subprocess
+
+    for four_bit in (False, True):
+        code = (
+            "import resource, torch; from lora_cli.models import load_base_model\n"
+            f"m = load_base_model({args.model!r}, load_in_4bit={four_bit})\n"
+            "rss = [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0]\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+            "print(f'{m.get_memory_footprint() / 2**20:.0f} MB of weights; RSS after loading {rss:.0f} MB, peak "
+            "while loading {peak:.0f} MB')\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        print(f"{'4-bit NF4' if four_bit else 'fp32'} base: {result.stdout.strip() or result.stderr[-2000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--threads", type=int, default=0)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("logits")
+    sub.add_parser("layer")
+    sub.add_parser("footprint")
     upcast = sub.add_parser("upcast")
     upcast.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     gap = sub.add_parser("merge-gap")
@@ -151,7 +212,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"logits": cmd_logits, "upcast": cmd_upcast, "merge-gap": cmd_merge_gap}[args.command](args)
+    {"logits": cmd_logits, "upcast": cmd_upcast, "merge-gap": cmd_merge_gap, "layer": cmd_layer,
+     "footprint": cmd_footprint}[args.command](args)
 
 
 if __name__ == "__main__":
