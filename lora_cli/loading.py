@@ -76,7 +76,7 @@ def load_model(
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
-    where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}" + (", 4-bit NF4 linear layers" if load_in_4bit else "")
+    where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")
     model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device,
                             load_in_4bit=load_in_4bit)

@@ -180,7 +180,9 @@ class LoraLinear(nn.Module):
         """
         trainable_base = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
         # A 4-bit base has no W to multiply by: it takes the plain path, whose base part is Linear4bit's forward.
-        if not self.use_fused or self.use_dora or trainable_base or self.quantized or hasattr(self.lora_A.weight, "ds_id"):
+        if not self.use_fused or self.use_dora or trainable_base or hasattr(self.lora_A.weight, "ds_id"):
+            return None
+        if self.quantized:
             return None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
