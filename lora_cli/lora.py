@@ -179,10 +179,9 @@ class LoraLinear(nn.Module):
         fused path does not do.
         """
         trainable_base = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        # A 4-bit base has no W to multiply by: it takes the plain path, whose base part is Linear4bit's forward.
         if not self.use_fused or self.use_dora or trainable_base or hasattr(self.lora_A.weight, "ds_id"):
             return None
-        if self.quantized:
+        if self.quantized:  # no W to multiply by: the plain path, whose base part is Linear4bit's own forward
             return None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
