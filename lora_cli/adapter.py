@@ -289,8 +289,9 @@ def _expected_shapes(model: nn.Module, paths: list[str], use_dora: bool, ranks: 
     shapes = {}
     for path in paths:
         module = model.get_submodule(path)
+        # nn.Linear's features, not its weight's shape: a 4-bit (QLoRA) weight is packed, two values per byte.
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if not isinstance(module, nn.Linear) \
-            else tuple(module.weight.shape)
+            else (module.out_features, module.in_features)
         shapes[f"{PREFIX}{path}.lora_A.weight"] = (ranks[path], in_f)
         shapes[f"{PREFIX}{path}.lora_B.weight"] = (out_f, ranks[path])
         if use_dora:

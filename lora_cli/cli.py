@@ -199,6 +199,9 @@ def generate_command(
     ),
     chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat on stdin; /exit or Ctrl-D ends."),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the weights in memory (same output)."),
+    load_in_4bit: bool = typer.Option(
+        False, "--load-in-4bit", help="Load MODEL's linear layers in 4 bits (NF4, as QLoRA trains); needs bitsandbytes."
+    ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy, deterministic."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold (sampling only)."),
@@ -234,7 +237,7 @@ def generate_command(
     gen.generation_dtype(dtype, "cpu")  # only to validate --dtype before the (slow) model load
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,
-                                            trust_remote_code=trust_remote_code, log=status)
+                                            trust_remote_code=trust_remote_code, log=status, load_in_4bit=load_in_4bit)
     with gen.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
         record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
         if chat:

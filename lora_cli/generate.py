@@ -81,13 +81,15 @@ def load_for_generation(
     revision: str | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
+    load_in_4bit: bool = False,
 ):
     """(model, tokenizer) ready to generate: on CUDA if available, else CPU, in `dtype` (see `generation_dtype`).
-    With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory."""
+    With `adapter`, its LoRA layers are applied unmerged, or folded in (`merge`) in memory.
+    `load_in_4bit`: the base in NF4 4-bit (as a QLoRA run trained it), computing in that dtype."""
     device = device or model_device()
     dtype = generation_dtype(dtype, device)
     loaded = load_model(ModelSource(model, revision, trust_remote_code), dtype=dtype, device=device,
-                        adapter_dir=adapter, merge=merge, log=log, what="MODEL")
+                        adapter_dir=adapter, merge=merge, load_in_4bit=load_in_4bit, log=log, what="MODEL")
     return loaded.model.eval(), loaded.tokenizer
 
 

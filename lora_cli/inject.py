@@ -45,6 +45,9 @@ class LoraSettings:
     # Per-module overrides, as PEFT's rank_pattern / alpha_pattern: {name-suffix-or-regex: value}
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # LoRA+ (lora.loraplus_lr_ratio): B's learning rate over A's. Training only (the optimizer reads it); it is
+    # not part of the adapter and not written to adapter_config.json.
+    loraplus_lr_ratio: float | None = None
 
 
 @dataclass
@@ -248,8 +251,14 @@ def apply_lora(model: nn.Module, settings: LoraSettings, paths: list[str] | None
         wrapped=list(paths),
         target_modules=written,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
+        total_params=sum(_weights_in(p) for p in model.parameters()),
     )
+
+
+def _weights_in(param) -> int:
+    """How many weights a parameter holds: a 4-bit (QLoRA) one packs two per byte of its uint8 storage."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:

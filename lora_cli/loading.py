@@ -15,7 +15,7 @@ import torch
 from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
-from .models import _check_source, load_base_model, load_tokenizer
+from .models import _check_source, check_4bit_support, load_base_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,36 @@ def load_model(
     device: str | None = None,
     adapter_dir: str | Path | None = None,
     merge: bool = False,
+    load_in_4bit: bool = False,
     log: Callable[[str], None] | None = None,
     what: str = "model.name_or_path",
 ) -> LoadedModel:
     """The tokenizer and the frozen base in `dtype` on `device`, with the adapter's LoRA layers applied (unmerged,
     or folded into the weights when `merge`). A missing or broken adapter fails before the (slow) model load.
-    `what`: how errors name the model source to the user (lora-generate's argument is MODEL)."""
+    `what`: how errors name the model source to the user (lora-generate's argument is MODEL).
+    `load_in_4bit`: the base's linear layers in NF4 4-bit, computing in `dtype` (QLoRA's base; the adapter stays
+    unmerged, since folding it into 4-bit weights would re-round them)."""
     log = log or (lambda message: None)
     if merge and adapter_dir is None:
         raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
+    if merge and load_in_4bit:
+        raise UserError(
+            "--merge and --load-in-4bit do not go together: folding the adapter into 4-bit weights would round them "
+            "again and change the model. Drop --merge (the adapter then runs unmerged, with the same output), or "
+            "merge into the unquantized base with lora-merge and generate from that folder."
+        )
+    if load_in_4bit:
+        check_4bit_support("--load-in-4bit")
     adapter_tensors = None
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
         adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
     _check_source(source.name_or_path, what)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
-    where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}"
+    where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")
-    model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device)
+    model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device,
+                            load_in_4bit=load_in_4bit)
     loaded = LoadedModel(model, tokenizer)
     if adapter_dir is not None:
         loaded.adapter, loaded.report = load_adapter(model, adapter_dir, adapter_tensors)

@@ -5,6 +5,10 @@ base module's own `weight` and `bias` Parameters under the same names: no copy, 
 the base weights stay exactly as they were (`...q_proj.weight`), which keeps checkpoints, `save_pretrained` and
 distributed wrappers working. The LoRA tensors live beside them as `lora_A.weight`, `lora_B.weight` and (DoRA)
 `lora_magnitude_vector`, which are also the names PEFT writes, prefixed with `base_model.model.`.
+
+QLoRA: the base may be a bitsandbytes `Linear4bit` (NF4 weights packed two per byte, `weight.quant_state` to
+dequantize them). Then the base output is that module's own forward (dequantize + 16-bit GEMM), the LoRA branch
+is the same fp32 one, and the shapes come from its in/out features, not from the packed weight.
 """
 
 from __future__ import annotations
@@ -26,8 +30,16 @@ LORA_DTYPE = torch.float32  # trainable params stay fp32 even on an fp16 base: f
 INIT_CHOICES = ("default", "gaussian")
 
 
+def is_4bit_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (QLoRA's frozen base), recognised without importing bitsandbytes."""
+    return isinstance(module, nn.Linear) and getattr(module.weight, "quant_state", None) is not None
+
+
 def is_lora_target_type(module: nn.Module) -> bool:
-    """The module kinds LoRA can wrap."""
+    """The module kinds LoRA can wrap. Of bitsandbytes' layers only 4-bit ones: an 8-bit layer subclasses
+    nn.Linear too, but its int8 weight is not W."""
+    if type(module).__module__.startswith("bitsandbytes"):
+        return is_4bit_linear(module)
     return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
 
 
@@ -78,7 +90,10 @@ class LoraLinear(nn.Module):
         if init not in INIT_CHOICES:
             raise ValueError(f"LoRA init must be one of {INIT_CHOICES}, got {init!r}")
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D keeps W as (in, out)
-        out_features, in_features = self._oriented(base.weight).shape
+        self.quantized = is_4bit_linear(base)  # W is packed 4-bit: base.weight.shape is not (out, in)
+        out_features, in_features = (
+            (base.out_features, base.in_features) if self.quantized else self._oriented(base.weight).shape
+        )
         self.in_features, self.out_features = in_features, out_features
         # The base's own Parameters, adopted under their own names (no copy, no rename).
         self.weight = base.weight
@@ -125,19 +140,31 @@ class LoraLinear(nn.Module):
         """scaling * B A in fp32, shape (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def dense_weight(self) -> torch.Tensor:
+        """W as (out, in) in a floating dtype: W itself, or for a 4-bit base a fresh dequantized copy."""
+        if not self.quantized:
+            return self._oriented(self.weight)
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+
     def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """Row norms of W + delta, in fp32 (DoRA's ||W + s B A||_c)."""
-        return torch.linalg.norm(self._oriented(self.weight).float() + delta, dim=1)
+        return torch.linalg.norm(self.dense_weight().float() + delta, dim=1)
 
     def merged_weight(self) -> torch.Tensor:
-        """The base weight with the update folded in, in fp32 and in the base's storage orientation."""
+        """The base weight with the update folded in, in fp32 and in the base's storage orientation (for a 4-bit
+        base: from the dequantized weight, (out, in))."""
         magnitude = self.lora_magnitude_vector if self.use_dora else None
-        return merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out,
+        weight = self.dense_weight() if self.quantized else self.weight
+        return merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out,
                              magnitude)
 
     # --- forward -------------------------------------------------------------------------------------------
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:  # Linear4bit's own forward: x in its compute dtype, dequantize, GEMM, back to x's dtype
+            return self._base_holder[0](x)
         if self.fan_in_fan_out:  # exactly Conv1D.forward, so a fresh adapter is bit-identical to the base
             rows = x.reshape(-1, x.size(-1))
             out = torch.mm(rows, self.weight) if self.bias is None else torch.addmm(self.bias, rows, self.weight)
@@ -173,6 +200,8 @@ class LoraLinear(nn.Module):
         trainable_base = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
         if not self.use_fused or self.use_dora or trainable_base or hasattr(self.lora_A.weight, "ds_id"):
             return None
+        if self.quantized:  # no W to multiply by: the plain path, whose base part is Linear4bit's own forward
+            return None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             return dtype if x.is_floating_point() else None
@@ -199,6 +228,9 @@ class LoraLinear(nn.Module):
         scale = (self.lora_magnitude_vector / self._weight_norm(delta)).view(1, -1)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_out = result if self.bias is None else result - self.bias
+        elif self.quantized:
+            base_out = self._base_forward(dropped.to(x.dtype))
+            base_out = base_out if self.bias is None else base_out - self.bias
         else:  # with dropout the base part is recomputed on the dropped-out input, as PEFT does
             base_out = F.linear(dropped.to(self.weight.dtype), self._oriented(self.weight))
         return (scale - 1) * base_out + scale * lora_out * self.scaling
@@ -218,6 +250,13 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def checked_merged_weight(self) -> torch.Tensor:
         """`merged_weight()` cast to W's dtype, refused if non-finite (an fp32 value can overflow fp16)."""
+        if self.quantized:
+            raise UserError(
+                "An adapter cannot be merged into a 4-bit (QLoRA) base in memory: the merged weights would have to "
+                "be rounded to 4 bits again, which changes the model, or held in 16 bits, which undoes the saving. "
+                "Use the adapter unmerged (lora-generate without --merge), or merge it into the unquantized base "
+                "with lora-merge ADAPTER_DIR OUTPUT_DIR and use that folder."
+            )
         new_weight = self.merged_weight().to(self.weight.dtype)
         self._check_finite(new_weight)
         return new_weight
@@ -251,7 +290,7 @@ class LoraLinear(nn.Module):
         return base
 
     def extra_repr(self) -> str:
-        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        kind = "Linear4bit" if self.quantized else "Conv1D" if self.fan_in_fan_out else "Linear"
         return (
             f"{kind}(in={self.in_features}, out={self.out_features}), r={self.r}, alpha={self.alpha}, "
             f"scaling={self.scaling:.4g}, dora={self.use_dora}, merged={self.merged}"

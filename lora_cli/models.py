@@ -97,6 +97,54 @@ def choose_precision(requested: str = "auto", capability: tuple[int, int] | None
     return PrecisionChoice(requested, "cuda", f"{requested} as requested ({name})")
 
 
+# Model families reported to break in fp16 (NaN/inf from activations beyond fp16's 65504), by model_type:
+# (family, evidence, warn at the start of an fp16 run). Every entry is also named when an fp16 run stops on
+# non-finite losses. Qwen2 is only named then: NaN losses in fp16 SFT were reported, yet Qwen2.5-0.5B trains in fp16
+# in unsloth's T4 test, and a warning on one of the commonest T4 models that usually trains fine would teach users
+# to ignore warnings. Phi-2's attention overflow was fixed upstream (q/k upcast), so it is not listed.
+_GEMMA3 = ("Gemma 3", "its activations exceed the fp16 range (transformers #36822; vLLM refuses fp16 for it)", True)
+_UPCAST_PARTS = "unsloth keeps parts of it in fp32 to train on fp16 GPUs"
+FP16_FRAGILE = {
+    "gemma2": ("Gemma 2", "its attention logit soft-capping overflows in fp16", True),
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
+    "gemma3n": ("Gemma 3n", _UPCAST_PARTS, True),
+    "gemma3n_text": ("Gemma 3n", _UPCAST_PARTS, True),
+    "qwen3_moe": ("Qwen3-MoE", _UPCAST_PARTS, True),
+    "glm4_moe": ("GLM-4-MoE", _UPCAST_PARTS, True),
+    "gpt_oss": ("gpt-oss", _UPCAST_PARTS, True),
+    "qwen2": ("Qwen2/Qwen2.5", "NaN losses in fp16 fine-tuning were reported (QwenLM/Qwen3 #670)", False),
+}
+
+
+def fp16_risk(model_or_config, precision: PrecisionChoice, at_start: bool = True) -> str | None:
+    """What to tell the user when an fp16 run trains a model family reported to overflow in fp16, else None.
+
+    `at_start`: the warning printed before training (listed families only); False: the sentence added to the
+    non-finite-loss stop message (also families with mixed reports). The precision is never changed silently.
+    """
+    if precision.precision != "fp16":
+        return None
+    config = getattr(model_or_config, "config", model_or_config)
+    text_config = getattr(config, "get_text_config", lambda: None)()
+    types = [getattr(c, "model_type", None) for c in (config, text_config) if c is not None]
+    entry = next((FP16_FRAGILE[t] for t in types if t in FP16_FRAGILE), None)
+    if entry is None or (at_start and not entry[2]):
+        return None
+    family, evidence, _ = entry
+    options = (
+        "train on a GPU with bf16 (compute capability 8.0 or newer, e.g. A100, L4, RTX 30xx/40xx), where "
+        "train.precision=auto picks bf16; or set train.precision=fp32 (several times slower on a T4)"
+    )
+    said = f"{family} models are reported to break in fp16: {evidence}."
+    if not at_start:
+        return f"{said} For this model: {options}."
+    return (
+        f"{said} This run uses {precision.reason}. Options: {options}; or keep fp16 and watch the loss: lora-train "
+        "stops after train.max_nonfinite_steps non-finite steps in a row."
+    )
+
+
 def base_dtype(dtype_setting: str, precision: PrecisionChoice) -> torch.dtype:
     """The dtype the frozen base weights are loaded in: on a GPU the half type of the mixed precision, else fp32
     (CPU half-precision matmuls are far slower than fp32 ones, also under bf16 autocast)."""
@@ -195,14 +243,21 @@ def load_base_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: str | None = None,
+    load_in_4bit: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ):
-    """A causal LM with frozen weights in `dtype`, in eval mode, on `device` (or CPU)."""
+    """A causal LM with frozen weights in `dtype`, in eval mode, on `device` (or CPU).
+
+    With `load_in_4bit` the linear layers of the decoder are NF4 4-bit (QLoRA; see `quantization_kwargs`) and
+    compute in `compute_dtype` (default: `dtype`); everything else is in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
     _check_source(name_or_path)
+    extra = quantization_kwargs(compute_dtype or dtype, device) if load_in_4bit else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            name_or_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except Exception as err:  # what transformers raises for a damaged file varies: look at the files themselves
         if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
@@ -220,7 +275,9 @@ def load_base_model(
         raise
     for param in model.parameters():
         param.requires_grad_(False)
-    if device is not None:
+    if load_in_4bit:
+        _keep_standard_4bit_layout(model)
+    elif device is not None:  # a 4-bit model is placed by its device_map; transformers refuses to move it
         model.to(device)
     return model.eval()
 
@@ -311,3 +368,87 @@ def _damaged_error(name_or_path: str, revision: str | None, damaged: list[str]) 
 
 def model_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- QLoRA: a 4-bit base -------------------------------------------------------------------------------------
+
+BNB_INSTALL_HINT = 'pip install -e ".[qlora]" (in a lora-cli checkout) or pip install "bitsandbytes>=0.46.1"'
+
+
+def base_quantization(load_in_4bit: bool, precision: PrecisionChoice) -> dict:
+    """load_base_model's 4-bit arguments for a training run: compute in the training precision, on its device."""
+    if not load_in_4bit:
+        return {}
+    check_4bit_support()
+    return {"load_in_4bit": True, "compute_dtype": PRECISION_DTYPES[precision.precision], "device": precision.device}
+
+
+def check_4bit_support(what: str = "model.load_in_4bit") -> None:
+    """bitsandbytes is an optional extra: say how to get it before anything slow is loaded."""
+    import logging
+
+    # On CPUs with AVX512-BF16 bitsandbytes' import logs a warning suggesting an optional `kernels` package for its
+    # CPU inference kernel, which lora-cli never uses (see _keep_standard_4bit_layout); keep it off the terminal.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    previous_level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise UserError(
+            f"{what} loads the base model in 4 bits with bitsandbytes, which is not installed ({err}). Install it "
+            f"with: {BNB_INSTALL_HINT}. Or turn 4-bit loading off (model.load_in_4bit: false in a config, no "
+            "--load-in-4bit for lora-generate)."
+        ) from None
+    finally:
+        cpu_ops_log.setLevel(previous_level)
+    import transformers
+    from transformers.utils import is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():  # transformers' own minimum version for 4-bit loading
+        raise UserError(
+            f"{what}: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} is too old for transformers "
+            f"{transformers.__version__}; upgrade it: pip install -U bitsandbytes"
+        )
+
+
+# What stays in half precision: everything that is not quantized. The embeddings, norms and output head of a 4-bit
+# model are loaded in `dtype`, the half type of the training precision on a GPU, as in a 16-bit run. PEFT's
+# prepare_model_for_kbit_training casts them all to fp32. Measured (scripts/qlora_check.py upcast: SmolLM2-135M,
+# 4-bit, one batch, LoRA gradients against an all-fp32 reference), upcasting does not make the gradients more
+# accurate: relative error 0.072 all half / 0.074 norms fp32 / 0.075 norms, embedding and head fp32 under fp16;
+# 0.196 / 0.181 / 0.180 under bf16. The error comes from the 16-bit compute of the linear layers, which upcasting
+# leaves alone. It does cost memory: +2.1 GB for Llama-3.1-8B's untied 128k embedding and head, and fp32 norm
+# weights turn the norms' outputs, and the outputs of the projections fed by them, into fp32 activations.
+# model.dtype: float32 gives PEFT's behaviour to whoever wants it.
+def quantization_kwargs(compute_dtype: torch.dtype, device: str | None) -> dict:
+    """from_pretrained arguments for QLoRA's base: NF4 weights with double quantization (the QLoRA paper's choice,
+    ~4.13 bits per weight), computing in the training precision (fp16 on a T4, bf16 on sm80+, fp32 on CPU).
+
+    transformers leaves the output head unquantized. The model is placed whole on the training device:
+    `torch.cuda.current_device()` is the process's own GPU under `accelerate launch` (Accelerate sets it).
+    """
+    from transformers import BitsAndBytesConfig
+
+    check_4bit_support()
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": device or "cpu"}}
+
+
+def _keep_standard_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU inference shortcut on every 4-bit layer.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode with an input that needs no gradient repacks the
+    weight in place into another layout and from then on computes in bf16 whatever the compute dtype, without a
+    gradient for its input. A LoRA layer keeps its 4-bit base out of `model.train()`, so that would happen during
+    training too (and change evaluation's numbers); and `dequantize_4bit`, which DoRA and the tests rely on, reads
+    only the standard layout. GPUs never take this path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

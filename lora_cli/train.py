@@ -19,7 +19,8 @@ from .errors import TrainingStopped, UserError
 from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
-from .models import PrecisionChoice, base_dtype, choose_precision, load_base_model, load_tokenizer
+from .models import (PrecisionChoice, base_dtype, base_quantization, choose_precision, fp16_risk, load_base_model,
+                     load_tokenizer)
 from .training import outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
@@ -47,7 +48,8 @@ def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     dtype = base_dtype(cfg.model.dtype, precision)
-    model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code)
+    model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
+                            **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg))
     bundle = data_lib.build_datasets(
         cfg.data.path,
@@ -122,6 +124,8 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
     tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
     say(report.summary, markup=False)
+    if risk := fp16_risk(model, precision):
+        say(f"[yellow]warning:[/yellow] {_escape(risk)}")
     if main:
         print_data_summary(bundle)
     if dry_run:

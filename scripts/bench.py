@@ -5,6 +5,7 @@
     python scripts/bench.py --model models/SmolLM2-135M-Instruct --steps 4
     python scripts/bench.py --gradient-checkpointing
     python scripts/bench.py --workloads variable --also-unpacked --repeats 3
+    python scripts/bench.py --load-in-4bit       # QLoRA: both tools on an NF4 base (bitsandbytes)
 
 Each run is its own subprocess (so peak memory is the run's own), runs alternate between the two tools
 (A B A B ...), and the table shows the median over repeats. Both tools train the same tokenized examples with the
@@ -355,7 +356,7 @@ def child_lora_cli(args, batches: list[tuple[int, int, int]]) -> None:
     variable = args.workload == "variable"
     with tempfile.TemporaryDirectory() as out:
         cfg = validate_config({
-            "model": {"name_or_path": str(args.model)},
+            "model": {"name_or_path": str(args.model), "load_in_4bit": args.load_in_4bit},
             "lora": {"r": args.r, "alpha": args.alpha, "dropout": 0.0, "target_modules": _lora_targets(args.targets)},
             "data": {"path": str(args.data), "max_length": args.max_length if variable else args.seq_len,
                      "train_on_inputs": not args.prompt_masked, "packing": variable and not args.unpacked},
@@ -397,7 +398,18 @@ def child_peft(args, batches: list[tuple[int, int, int]]) -> None:
     # The frozen base in the training precision, as lora-cli loads it (and as Trainer users load it on a GPU).
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     dtype = dtype if torch.cuda.is_available() else torch.float32  # lora-cli keeps fp32 weights on CPU
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.load_in_4bit:  # the usual PEFT QLoRA recipe, with lora-cli's quantization settings
+        from peft import prepare_model_for_kbit_training
+
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, quantization_config=quantization,
+            device_map={"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model = get_peft_model(model, LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=_lora_targets(args.targets),
         task_type="CAUSAL_LM",
@@ -511,6 +523,8 @@ def child_command(args, tool: str, workload: str, data: Path, result: Path, vari
            "--precision", args.precision, "--threads", str(args.threads)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.load_in_4bit and "unquantized" not in variant:
+        cmd.append("--load-in-4bit")
     if "unpacked" in variant:
         cmd.append("--unpacked")
     if "masked" in variant:
@@ -549,7 +563,7 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="HF model folder (default: build a ~35M Llama offline)")
     p.add_argument("--vocab-size", type=int, default=32000,
@@ -566,6 +580,9 @@ def main() -> None:
     p.add_argument("--targets", default="all-linear", help="all-linear, or a comma list such as q_proj,v_proj")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true", help="both tools, non-reentrant")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="both tools on an NF4 4-bit base (QLoRA; PEFT with prepare_model_for_kbit_training), "
+                        "and lora-cli on the unquantized base as well")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in every run (default: torch's choice)")
     p.add_argument("--also-unpacked", action="store_true", help="variable workload: also lora-cli without packing")
     p.add_argument("--also-masked", action="store_true",
@@ -582,7 +599,12 @@ def main() -> None:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--unpacked", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompt-masked", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.child:
         run_child(args)
         return
@@ -614,11 +636,14 @@ def main() -> None:
           f"device {device}, {torch.get_num_threads()} threads")
     print(f"LoRA r={args.r} alpha={args.alpha:g} targets={args.targets}; micro batch {args.micro_batch}; "
           f"{args.warmup} warmup + {args.steps} measured steps; {args.repeats} alternating repeats; "
-          f"precision {args.precision}; gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+          f"precision {args.precision}; gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+          f"{'; 4-bit NF4 base' if args.load_in_4bit else ''}")
 
     results: dict = {"gflops": gflops, "matmul_params": n_matmul, "ceiling_tokens_s": ceiling, "workloads": {}}
     for workload in args.workloads.split(","):
         tools = [("lora-cli", "packed" if workload == "variable" else ""), ("peft", "")]
+        if args.load_in_4bit:  # lora-cli on the unquantized base too: what 4 bits cost and save, same invocation
+            tools.insert(1, ("lora-cli", "unquantized base"))
         if workload == "variable" and args.also_unpacked:
             tools.insert(1, ("lora-cli", "unpacked"))
         if workload == "variable" and args.also_masked:

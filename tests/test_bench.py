@@ -3,7 +3,6 @@ the batches collated by then (issue 14 item 1: skipped steps used to end the run
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -51,11 +50,11 @@ def test_fp16_child_run_with_skipped_steps_times_every_batch(bench, tool, tiny_m
     data = tmp_path / "fixed.jsonl"
     text = " ".join(["the lighthouse of quillhaven is painted green"] * 3)
     data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
-    args = argparse.Namespace(
-        child=tool, workload="fixed", data=data, result=str(tmp_path / "result.json"), model=tiny_model_dir("llama"),
-        steps=3, warmup=1, micro_batch=2, seq_len=16, max_length=64, r=4, alpha=8.0, targets="all-linear",
-        precision="fp16", threads=0, gradient_checkpointing=False, unpacked=False, prompt_masked=False,
-    )
+    args = bench.build_parser().parse_args([
+        "--child", tool, "--workload", "fixed", "--data", str(data), "--result", str(tmp_path / "result.json"),
+        "--model", str(tiny_model_dir("llama")), "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len",
+        "16", "--max-length", "64", "--r", "4", "--alpha", "8", "--precision", "fp16",
+    ])
     with amp_emulation.emulated_fp16(init_scale=2.0**22):
         bench.run_child(args)
     result = json.loads(Path(args.result).read_text())

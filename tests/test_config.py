@@ -194,3 +194,19 @@ def test_yaml_round_trip(tmp_path):
     again = load_config(write(tmp_path, text))
     assert again == cfg and isinstance(again, Config)
     assert again.model.revision == "1234567" and again.data.val_size == 100
+
+
+def test_quantization_bit_4_is_load_in_4bit_and_other_widths_are_refused():
+    alias = validate_config(minimal(model={"quantization_bit": 4}))
+    assert alias == validate_config(minimal(model={"load_in_4bit": True}))
+    assert alias.model.load_in_4bit and "quantization_bit" not in config_to_yaml(alias)
+    assert validate_config(minimal()).model.load_in_4bit is False
+    message = error_of(minimal(model={"quantization_bit": 8}))
+    assert "model.quantization_bit: only 4 is supported" in message and "(got 8)" in message
+    assert "did you mean `model.load_in_4bit`" in error_of({**minimal(), "quantization_bit": 4})
+
+
+def test_loraplus_lr_ratio():
+    assert validate_config(minimal()).lora.loraplus_lr_ratio is None
+    assert validate_config(minimal(lora={"loraplus_lr_ratio": 16})).lora.loraplus_lr_ratio == 16.0
+    assert "lora.loraplus_lr_ratio: must be greater than 0" in error_of(minimal(lora={"loraplus_lr_ratio": 0}))

@@ -40,8 +40,14 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_dir, packing):
+# qlora: a 4-bit base (each process loads its own) and LoRA+'s two optimizer groups, both under DDP.
+QLORA = {"model": {"load_in_4bit": True}, "lora": {"loraplus_lr_ratio": 4}}
+
+
+@pytest.mark.parametrize("packing,extra", [(False, {}), (True, {}), (False, QLORA)], ids=["plain", "packing", "qlora"])
+def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_dir, packing, extra):
+    if extra:
+        pytest.importorskip("bitsandbytes")
     model_dir = trainable_model_dir("llama")
     # With sample answers: only the main process generates (the other waits), and training is not disturbed.
     common = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2, "eval_steps": 2,
@@ -49,9 +55,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_d
     data = {"packing": packing, "max_length": 24, "val_size": 3}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = make_config(tmp_path / "one", model_dir, rows=ROWS, data=data,
+    one = make_config(tmp_path / "one", model_dir, rows=ROWS, data=data, **extra,
                       train={**common, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "one/out")})
-    two = make_config(tmp_path / "two", model_dir, rows=ROWS, data=data,
+    two = make_config(tmp_path / "two", model_dir, rows=ROWS, data=data, **extra,
                       train={**common, "gradient_accumulation_steps": 1, "output_dir": str(tmp_path / "two/out")})
 
     single = run_train(one, 1)

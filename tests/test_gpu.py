@@ -518,7 +518,6 @@ def bench_module():
 def test_bench_child_run_on_cuda(bench_module, tool, precision, tmp_path, tiny_model_dir, monkeypatch):
     """One measured bench run per tool and precision, in this process (seconds): every step timed with its batch,
     skipped steps reported (fp16 starts at a loss scale of 2^16)."""
-    import argparse
 
     from lora_cli import data as data_lib
 
@@ -529,11 +528,11 @@ def test_bench_child_run_on_cuda(bench_module, tool, precision, tmp_path, tiny_m
     data = tmp_path / "fixed.jsonl"
     text = " ".join(["the lighthouse of quillhaven is painted green"] * 4)
     data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
-    args = argparse.Namespace(
-        child=tool, workload="fixed", data=data, result=str(tmp_path / "result.json"), model=tiny_model_dir("llama"),
-        steps=3, warmup=1, micro_batch=2, seq_len=32, max_length=64, r=4, alpha=8.0, targets="all-linear",
-        precision=precision, threads=0, gradient_checkpointing=False, unpacked=False, prompt_masked=False,
-    )
+    args = bench_module.build_parser().parse_args([
+        "--child", tool, "--workload", "fixed", "--data", str(data), "--result", str(tmp_path / "result.json"),
+        "--model", str(tiny_model_dir("llama")), "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len",
+        "32", "--max-length", "64", "--r", "4", "--alpha", "8", "--precision", precision,
+    ])
     bench_module.run_child(args)
     result = json.loads(Path(args.result).read_text())
     assert len(result["step_seconds"]) == 3 and result["seconds"] > 0

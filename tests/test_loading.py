@@ -26,9 +26,9 @@ def recorded(monkeypatch):
         calls["tokenizer"].append((revision, trust_remote_code))
         return real_tokenizer(name)
 
-    def model(name, dtype, revision=None, trust_remote_code=False, device=None):
+    def model(name, dtype, revision=None, trust_remote_code=False, device=None, **options):
         calls["model"].append((revision, trust_remote_code))
-        return real_model(name, dtype, device=device)
+        return real_model(name, dtype, device=device, **options)
 
     def stored(name, revision=None, trust_remote_code=False):
         calls["config"].append((revision, trust_remote_code))

@@ -56,3 +56,28 @@ def test_real_model_matches_peft_and_merges(tmp_path, inputs, settings):
     with torch.no_grad():
         # fp32 rounding of W + delta over 30 layers, on logits of magnitude ~20: 1e-3 is ~5e-5 relative.
         assert torch.allclose(merged(inputs).logits, ours, atol=1e-3)
+
+
+def test_quickstart_with_a_4bit_base_learns_the_facts(tmp_path):
+    """configs/quickstart_qlora.yaml: the quickstart on an NF4 copy of SmolLM2; every held-out question answered by
+    the 4-bit base + adapter, the model as trained."""
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from lora_cli.config import load_config
+    from lora_cli.generate import generate_text, load_for_generation
+    from lora_cli.train import train
+
+    repo = MODEL.parents[1]
+    out = tmp_path / "out"
+    cfg = load_config(repo / "configs" / "quickstart_qlora.yaml",
+                      [f"model.name_or_path={MODEL}", f"data.path={repo / 'data/quickstart/train.jsonl'}",
+                       f"train.output_dir={out}"])
+    assert cfg.model.load_in_4bit
+    train(cfg, quiet=True)
+    model, tokenizer = load_for_generation(str(MODEL), out, load_in_4bit=True, device="cpu")
+    questions = [json.loads(line) for line in (repo / "data/quickstart/questions.jsonl").read_text().splitlines()]
+    answers = {q["expect"]: generate_text(model, tokenizer, q["question"], temperature=0, max_new_tokens=48)
+               for q in questions}
+    missed = {expect: answer for expect, answer in answers.items() if expect.lower() not in answer.lower()}
+    assert not missed, missed

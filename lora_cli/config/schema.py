@@ -59,6 +59,28 @@ class ModelSection(_Section):
     revision: str | None = None  # Hub branch, tag or commit; None = the default branch
     dtype: Dtype = "auto"  # dtype the frozen base weights are loaded in; auto = the half type of train.precision
     trust_remote_code: bool = False  # run modelling code shipped in the Hub repo (only for repos you trust)
+    # QLoRA: the frozen base's linear layers in NF4 4-bit (bitsandbytes, the `qlora` extra), computing in the
+    # training precision. axolotl's name; LLaMA-Factory's `quantization_bit: 4` means the same.
+    load_in_4bit: bool = False
+    quantization_bit: int | None = Field(None, exclude=True)  # alias, folded into load_in_4bit
+
+    @field_validator("quantization_bit")
+    @classmethod
+    def _only_4_bits(cls, value: int | None) -> int | None:
+        if value not in (None, 4):
+            raise PydanticCustomError(
+                "quantization_bit",
+                "only 4 is supported (NF4 4-bit, QLoRA); write model.load_in_4bit: true, or remove the key to train "
+                "on the 16-bit base",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _alias_to_load_in_4bit(self) -> "ModelSection":
+        # Folded in and forgotten, so a config that says quantization_bit: 4 equals one that says load_in_4bit.
+        if self.quantization_bit == 4:
+            self.load_in_4bit, self.quantization_bit = True, None
+        return self
 
 
 class LoraSection(_Section):
@@ -72,6 +94,8 @@ class LoraSection(_Section):
     use_dora: bool = False  # weight-decomposed LoRA
     init: LoraInit = "default"  # default: B = 0 and A Kaiming-uniform (PEFT's default); gaussian: A ~ N(0, 1/r)
     layers_to_transform: list[int] | None = Field(None, min_length=1)  # decoder layer indices; None = all
+    # LoRA+: lora_B learns this many times faster than lora_A (the LoRA+ paper suggests ~16); None = off
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -82,6 +82,8 @@ _ALIASES = {
     "load_best_model_at_end": "train.load_best_at_end",
     "auto_resume_from_checkpoints": "train.resume_from_checkpoint",
     "early_stopping_steps": "train.early_stopping_patience",
+    "quantization_bit": "model.load_in_4bit",
+    "load_in_8bit": "model.load_in_4bit",
 }
 
 _REQUIRED_HINTS = {

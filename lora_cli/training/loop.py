@@ -15,6 +15,7 @@ import torch
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
 from ..inject import lora_state_dict
+from ..models import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
@@ -125,7 +126,8 @@ def _count_skipped(run: Run, progress, nonfinite_loss: bool) -> None:
             highlight=False,
         )
     if state.consecutive_skipped >= t.max_nonfinite_steps:
-        raise UserError(nonfinite_message(state.consecutive_skipped, run.precision, t.learning_rate))
+        raise UserError(nonfinite_message(state.consecutive_skipped, run.precision, t.learning_rate,
+                                          fp16_risk(run.model, run.precision, at_start=False)))
 
 
 def _checkpoint_due(run: Run) -> bool:
@@ -196,7 +198,7 @@ def restore_best(run: Run) -> None:
             params[key].copy_(tensor)
 
 
-def nonfinite_message(count: int, precision, lr: float) -> str:
+def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None) -> str:
     hint = (
         "fp16 overflows easily: use train.precision=bf16 on a GPU that has it (compute capability >= 8.0) or "
         "train.precision=fp32, "
@@ -207,4 +209,5 @@ def nonfinite_message(count: int, precision, lr: float) -> str:
         f"{count} updates in a row were skipped (the loss was non-finite, NaN or inf, or the fp16 loss scaler found "
         f"overflowing gradients), so training stopped. {hint}lower train.learning_rate (now {lr:g}), or keep "
         "train.max_grad_norm set. Nothing was saved from this run beyond earlier checkpoints."
+        + (f" Note: {model_risk}" if model_risk else "")
     )

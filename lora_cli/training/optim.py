@@ -10,11 +10,29 @@ from ..config import Config
 
 
 def make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     return torch.optim.AdamW(
-        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+        param_groups(model, t.learning_rate, cfg.lora.loraplus_lr_ratio),
+        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay,
     )
+
+
+def param_groups(model, lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
+    """The trainable parameters as optimizer groups: one group, or with LoRA+ two, A's at `lr` first (the rate the
+    loop logs) and B's at ratio x lr.
+
+    As PEFT's `create_loraplus_optimizer` (which axolotl and LLaMA-Factory use): lora_B weights and every 1-D
+    trainable parameter (DoRA's magnitude vectors) go in the fast group. Groups, not a custom optimizer, so
+    everything that handles groups handles LoRA+: LambdaLR scales each group's own initial lr by the same factor,
+    the optimizer's state_dict carries the groups for a resume, and every process builds the same groups.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fast = [p for name, p in named if "lora_B" in name or p.ndim == 1]
+    fast_ids = {id(p) for p in fast}
+    slow = [p for _, p in named if id(p) not in fast_ids]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * loraplus_lr_ratio}]
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
