@@ -16,6 +16,7 @@ does, so the GPU run does not fail on a typo).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -44,6 +45,11 @@ ESTIMATE_CASES = [
      dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
           intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
      dict(lora={"r": 8, "alpha": 16}, micro_batch_size=8, max_length=1024, gradient_checkpointing=True)),
+    ("Llama-3.2-1B shape in 4-bit (QLoRA), all-linear r=16, 4 x 512, checkpointing",
+     dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+          intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+     dict(lora={"r": 16, "alpha": 32, "target_modules": "all-linear"}, micro_batch_size=4, max_length=512,
+          gradient_checkpointing=True, load_in_4bit=True)),
     ("SmolLM2-360M shape, all-linear r=16, 4 x 1024 packed",
      dict(model_type="llama", hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
           intermediate_size=2560, vocab_size=49152, tie_word_embeddings=True),
@@ -58,6 +64,10 @@ SMOKE_CASES = [
                                num_key_value_heads=2, intermediate_size=128, vocab_size=384),
      dict(lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, micro_batch_size=2, max_length=64,
           packing=True, gradient_checkpointing=True)),
+    ("tiny llama 4-bit", dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=128, vocab_size=384),
+     dict(lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, micro_batch_size=2, max_length=64,
+          load_in_4bit=True)),
 ]
 
 
@@ -201,7 +211,8 @@ def _config_yaml(model: Path, data: Path, out: Path, settings: dict, precision: 
              "gradient_checkpointing": settings.get("gradient_checkpointing", False)}
     data_section = {"path": str(data), "format": "text", "max_length": settings["max_length"],
                     "packing": settings.get("packing", False)}
-    return {"model": {"name_or_path": str(model)}, "lora": settings["lora"], "data": data_section, "train": train}
+    model_section = {"name_or_path": str(model), "load_in_4bit": settings.get("load_in_4bit", False)}
+    return {"model": model_section, "lora": settings["lora"], "data": data_section, "train": train}
 
 
 def estimate_check(args) -> str:
@@ -219,7 +230,10 @@ def estimate_check(args) -> str:
     rows = ["| configuration | estimated allocated | measured max_memory_allocated | error | estimate total (with "
             "CUDA context + allocator) | measured max reserved |", "|---|---|---|---|---|---|"]
     for i, (name, shape, settings) in enumerate(cases):
-        model = random_model(work / f"model{i}", shape, "cuda" if cuda else "cpu", "float16" if cuda else "float32")
+        # One folder per shape: the 4-bit case loads the same fp16 checkpoint as its 16-bit twin.
+        shape_id = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
+        model = random_model(work / f"model-{shape_id}", shape, "cuda" if cuda else "cpu",
+                             "float16" if cuda else "float32")
         data = work / f"data{i}.jsonl"
         # Unpacked: every example longer than max_length (truncated), so each batch is full and unpadded. Packed:
         # examples of ~24% of max_length, so a row holds four and is ~96% full.

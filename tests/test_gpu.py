@@ -554,3 +554,73 @@ def test_bench_script_fp16_end_to_end(tmp_path, tiny_model_dir):
     assert set(results["workloads"]["fixed"]) == {"lora-cli", "peft"}
     assert "| fixed | lora-cli |" in proc.stdout
 
+
+
+# --- 9. QLoRA: a 4-bit base on CUDA -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    """A trainable tiny llama of hidden size 64 (4-bit quantizes in blocks of 64 values)."""
+    from test_qlora import save_wide
+
+    return save_wide("llama", tmp_path_factory.mktemp("wide_llama"), init_range=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=needs_bf16)])
+def test_qlora_trains_on_cuda(precision, tmp_path, wide_model_dir, trained_models):
+    """model.load_in_4bit on the GPU: the linear layers are NF4 Linear4bit computing in the training precision, LoRA
+    fp32 on the GPU, the loss falls, and the adapter reloads on a 4-bit base for lora-generate --load-in-4bit."""
+    pytest.importorskip("bitsandbytes")
+    from lora_cli.cli import generate_app, train_app
+
+    config = _config(tmp_path, wide_model_dir, model={"load_in_4bit": True},
+                     train={"precision": precision, "max_steps": 40, "gradient_checkpointing": True})
+    result = runner.invoke(train_app, [str(config)])
+    assert result.exit_code == 0, result.output
+    (model,) = trained_models
+    compute = torch.float16 if precision == "fp16" else torch.bfloat16
+    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert four_bit and all(m.compute_dtype == compute and m.weight.device.type == "cuda" for m in four_bit)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in lora)
+    records = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"], [r["loss"] for r in records]
+    answer = runner.invoke(generate_app, [str(wide_model_dir), "--adapter", str(tmp_path / "out"), "--load-in-4bit",
+                                          "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "8"])
+    assert answer.exit_code == 0, answer.output
+
+
+def test_qlora_lora_grads_match_the_dequantized_reference_on_cuda(wide_model_dir):
+    """LoRA gradients on the 4-bit base equal those on a 16-bit model holding the dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_functional
+
+    from lora_cli.inject import LoraSettings, apply_lora
+    from lora_cli.losses import causal_lm_loss
+    from lora_cli.models import load_base_model
+
+    quantized = load_base_model(str(wide_model_dir), torch.float16, load_in_4bit=True, compute_dtype=torch.float16,
+                                device="cuda")
+    reference = load_base_model(str(wide_model_dir), torch.float16, device="cuda")
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                reference.get_submodule(name).weight.copy_(weight.to(torch.float16))
+    grads = []
+    for model in (quantized, reference):
+        apply_lora(model, LoraSettings(r=8, alpha=16, target_modules="all-linear"))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)
+        ids = tiny.sample_input_ids().to(DEVICE)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss, n = causal_lm_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "lora_" in n})
+    for name, grad in grads[1].items():
+        assert relative_error(grads[0][name], grad) < 2e-2, name

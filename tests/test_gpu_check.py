@@ -23,13 +23,15 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
 
 
 def test_estimate_check_stage_runs_end_to_end(tmp_path):
-    """The estimate-vs-measured stage with tiny shapes in fp32: model, data, config, --estimate, three steps."""
+    """The estimate-vs-measured stage with tiny shapes in fp32 (one on a 4-bit base): model, data, config,
+    --estimate, three steps."""
     md = tmp_path / "estimate.md"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "estimate-check", "--smoke",
                            "--workdir", str(tmp_path / "work"), "--md", str(md)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = md.read_text().splitlines()
-    assert table[0].startswith("| configuration | estimated allocated") and len(table) == 4
-    assert "tiny llama packed" in table[3]
-    assert (tmp_path / "work" / "out1" / "adapter_model.safetensors").is_file()  # it really trained
+    assert table[0].startswith("| configuration | estimated allocated") and len(table) == 5
+    assert "tiny llama packed" in table[3] and "tiny llama 4-bit" in table[4]
+    for i in (1, 2):  # it really trained, also on the 4-bit base
+        assert (tmp_path / "work" / f"out{i}" / "adapter_model.safetensors").is_file()
