@@ -93,7 +93,7 @@ if [[ ! -f tests/test_gpu.py ]]; then
 elif ! "$PY" -c "import pytest" >/dev/null 2>&1; then
     skip gpu-tests "pytest is not installed (put its wheel, with pluggy and iniconfig, in .whl/)"
 else
-    stage gpu-tests 110 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+    stage gpu-tests 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 fi
 
 MODEL=models/SmolLM2-135M-Instruct
