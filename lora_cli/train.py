@@ -8,10 +8,13 @@ swap. The pieces live in lora_cli/training/, one job per module.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+
+import torch
 
 from . import data as data_lib
 from .config import Config
@@ -81,6 +84,7 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | No
         run = setup(cfg, dry_run, quiet, cleanup, gpu)
         if run is None:
             return None
+        cleanup.callback(_release, run)
         with StopRequests(run.say, several_processes=run.accelerator.num_processes > 1) as stop:
             try:
                 last_loss, last_eval = fit(run, stop)
@@ -92,6 +96,16 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | No
     if stop.signum is not None:  # the signal came during the final save, which completed
         raise TrainingStopped(stop.signum, run.state.global_step, run.out)
     return result
+
+
+def _release(run: Run) -> None:
+    """Let go of the model, optimizer and data when train() returns or fails, so their (GPU) memory is free at once:
+    a notebook that trains twice must not hold the first model until Python's cycle collector happens to run."""
+    run.accelerator.free_memory()  # Accelerate's own references to the prepared objects
+    run.model = run.loss_model = run.optimizer = run.scheduler = run.best_weights = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack, gpu: str | None = None) -> Run | None:

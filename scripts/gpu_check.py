@@ -16,6 +16,7 @@ does, so the GPU run does not fail on a typo).
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -146,19 +147,23 @@ def run_lora_train(argv: list[str], cap_gib: float | None) -> dict:
     from lora_cli.cli import main_app
 
     cuda = torch.cuda.is_available()
+    before = 0
     if cuda:
         if cap_gib:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), 0)
+        gc.collect()  # whatever an earlier run in this process left must not count against this one
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     try:
         code = main_app(["train", *argv], prog_name="lora-train", standalone_mode=False) or 0
     except SystemExit as err:
         code = err.code or 0
     result = {"exit_code": int(code), "seconds": time.perf_counter() - start,
-              "max_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+              "max_allocated": torch.cuda.max_memory_allocated() - before if cuda else None,
+              "allocated_before": before if cuda else None,
               "max_reserved": torch.cuda.max_memory_reserved() if cuda else None}
     if cuda:
         torch.cuda.empty_cache()
@@ -228,7 +233,8 @@ def estimate_check(args) -> str:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = ["| configuration | estimated allocated | measured max_memory_allocated | error | estimate total (with "
-            "CUDA context + allocator) | measured max reserved |", "|---|---|---|---|---|---|"]
+            "CUDA context + allocator) | measured max reserved | allocated before the run |",
+            "|---|---|---|---|---|---|---|"]
     for i, (name, shape, settings) in enumerate(cases):
         # One folder per shape: the 4-bit case loads the same fp16 checkpoint as its 16-bit twin.
         shape_id = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
@@ -250,7 +256,7 @@ def estimate_check(args) -> str:
         peak = measured["max_allocated"]
         error = f"{allocated / peak - 1:+.1%}" if peak else "n/a"
         rows.append(f"| {name} | {_mib(allocated)} | {_mib(peak)} | {error} | {_mib(estimate.total_bytes)} | "
-                    f"{_mib(measured['max_reserved'])} |")
+                    f"{_mib(measured['max_reserved'])} | {_mib(measured['allocated_before'])} |")
         print(rows[-1], flush=True)
         print("\n".join("    " + line for line in _part_lines(estimate)), flush=True)
     return "\n".join(rows)

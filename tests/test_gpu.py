@@ -580,8 +580,12 @@ def test_qlora_trains_on_cuda(precision, tmp_path, wide_model_dir, trained_model
     assert result.exit_code == 0, result.output
     (model,) = trained_models
     compute = torch.float16 if precision == "fp16" else torch.bfloat16
-    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    assert four_bit and all(m.compute_dtype == compute and m.weight.device.type == "cuda" for m in four_bit)
+    # Our LoRA layer keeps the Linear4bit it wraps beside it (not as a child module), with the same weight.
+    from lora_cli.inject import lora_layers
+
+    four_bit = [layer._base_holder[0] for layer in lora_layers(model).values()]
+    assert four_bit and all(type(m).__name__ == "Linear4bit" for m in four_bit)
+    assert all(m.compute_dtype == compute and m.weight.device.type == "cuda" for m in four_bit)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in lora)

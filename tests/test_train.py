@@ -259,3 +259,35 @@ def test_base_dtype_is_half_only_on_gpu(setting, precision, device, expected):
     from lora_cli.models import PrecisionChoice, base_dtype
 
     assert base_dtype(setting, PrecisionChoice(precision, device, "")) == expected
+
+
+def test_the_model_is_freed_when_train_returns(tmp_path, trainable_model_dir, monkeypatch):
+    """No reference cycle keeps the trained model (on a GPU: its memory) alive after train() returns or fails: a
+    notebook that trains twice must not hold the first model until Python's cycle collector happens to run."""
+    import gc
+    import weakref
+
+    import lora_cli.train as train_module
+
+    models = []
+    real = train_module.prepare_model_and_data
+
+    def spy(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        models.append(weakref.ref(loaded[1]))
+        return loaded
+
+    monkeypatch.setattr(train_module, "prepare_model_and_data", spy)
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 2, "max_nonfinite_steps": 1})
+    gc.disable()
+    try:
+        train(load_config(config), quiet=True)
+        assert models[-1]() is None
+        import lora_cli.losses as losses_module
+
+        monkeypatch.setattr(losses_module, "causal_lm_loss", lambda model, batch, **k: (torch.tensor(float("nan")), 1))
+        with pytest.raises(UserError):
+            train(load_config(config, ["train.overwrite_output_dir=true"]), quiet=True)
+        assert models[-1]() is None
+    finally:
+        gc.enable()
