@@ -43,7 +43,7 @@ from .training.resume import StartPlan, check_resumable_run, data_fingerprint, f
 from .training.samples import answer_prompts, load_prompts
 from .training.signals import StopRequests
 from .training.state import Run, TrainResult, TrainState
-from .training.step import check_distributed_type
+from .training.step import attention_kernels, check_distributed_type
 from .training.summary import print_summary
 
 
@@ -85,7 +85,8 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | No
         if run is None:
             return None
         cleanup.callback(_release, run)
-        with StopRequests(run.say, several_processes=run.accelerator.num_processes > 1) as stop:
+        several = run.accelerator.num_processes > 1
+        with StopRequests(run.say, several_processes=several) as stop, attention_kernels():
             try:
                 last_loss, last_eval = fit(run, stop)
             except TrainingStopped as stopped:

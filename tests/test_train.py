@@ -291,3 +291,23 @@ def test_the_model_is_freed_when_train_returns(tmp_path, trainable_model_dir, mo
         assert models[-1]() is None
     finally:
         gc.enable()
+
+
+def test_training_never_uses_cudnn_attention(tmp_path, trainable_model_dir, monkeypatch):
+    """cuDNN's attention plans a graph per new shape (15 ms a call on an H200): a run uses flash, memory-efficient
+    or math attention only, and leaves PyTorch's choice as it found it."""
+    import lora_cli.losses as losses_module
+
+    seen = []
+    real = losses_module.causal_lm_loss
+
+    def recording(model, batch, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(model, batch, **kwargs)
+
+    monkeypatch.setattr(losses_module, "causal_lm_loss", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 2})
+    train(load_config(config), quiet=True)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -62,3 +62,17 @@ def accumulate_gradients(accelerator, loss_model, mine: list[tuple[dict, float]]
             accelerator.backward(loss_sum * (scale * weight))
         window_loss += loss_sum.item() * weight / max(n_trained, 1)
     return sum_over_processes(accelerator, window_loss)
+
+
+def attention_kernels():
+    """The scaled-dot-product attention kernels a run may use: flash, memory-efficient and math; not cuDNN's.
+
+    PyTorch tries cuDNN's attention first on Hopper GPUs (H100, H200), and cuDNN plans a new execution graph for
+    every new input shape: measured on an H200 (docs/BENCHMARKS.md, section 12), 15 ms of CPU time per attention
+    call against 11 us of GPU time, which length-grouped batches (a new length every step) and packed rows (a new
+    length every example) pay in every layer. Flash and memory-efficient attention compute the same without planning;
+    a T4 (compute capability 7.5) never gets cuDNN's attention anyway.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
