@@ -163,21 +163,28 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # inside it (for evaluation, packing and saving).
     loss_model, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, scheduler)
     run = Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
-              report.target_modules, out, steps, MetricsSink(out, "", main, say_nothing), quiet, say=say)
-    run.state = _initial_state(run, plan, data_fingerprint(bundle.train))
+              report.target_modules, out, steps, None, quiet, say=say)
     run.prompts, run.started = prompts, started
+    _start(run, plan, lock, cleanup)
+    return run
+
+
+def _start(run: Run, plan: StartPlan, lock, cleanup: contextlib.ExitStack) -> None:
+    """The run's state (fresh, or restored from the checkpoint), the output_dir lock, the trackers and the metrics
+    sink; for a resumed run the RNG states come last, so nothing here draws from the restored generators."""
+    accelerator, cfg = run.accelerator, run.cfg
+    run.state = _initial_state(run, plan, data_fingerprint(run.bundle.train))
     run.start_step = run.state.global_step
-    if main and lock is None:
-        cleanup.callback((lock := outdir.lock(out)).close)
+    if run.main and lock is None:
+        cleanup.callback((lock := outdir.lock(run.out)).close)
     saved_rng = rng_state()  # a tracker's start-up must not draw from the generators training uses
     run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))
     set_rng_state(saved_rng)
     cleanup.callback(_end_trackers, run)  # also on a failure or a second Ctrl-C
-    run.sink = MetricsSink(out, run.state.run_name, writes=main, show=say_nothing, tracker=run.trackers)
+    run.sink = MetricsSink(run.out, run.state.run_name, writes=run.main, show=say_nothing, tracker=run.trackers)
     run.sink.start(run.state.log_history, run.state.samples)
-    if plan.checkpoint is not None:  # last, so nothing above draws from the restored generators
+    if plan.checkpoint is not None:
         set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
-    return run
 
 
 def _memory_estimate(cfg: Config, bundle, gpu: str | None) -> str:

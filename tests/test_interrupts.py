@@ -43,6 +43,7 @@ def captured_run(tmp_path, model_dir, monkeypatch, **train_section):
     config = make_config(tmp_path, model_dir, lora={"alpha": 8}, train={"max_steps": 3, **train_section})
     captured = {}
     monkeypatch.setattr(train_module, "finish", lambda run, *args: captured.update(run=run, args=args))
+    monkeypatch.setattr(train_module, "_release", lambda run: None)  # keep the model: the save runs later
     train(load_config(config), quiet=True)
     monkeypatch.undo()
     return captured["run"], captured["args"]
