@@ -149,3 +149,13 @@ def test_dry_run_prints_the_estimate_for_the_data_it_tokenized(tmp_path, trainab
     assert "dry run: nothing was trained" in result.output
     bad = CliRunner().invoke(train_app, [str(config), "--json"])
     assert bad.exit_code == 2 and "--json goes with --estimate" in bad.output
+
+
+def test_the_qlora_8b_config_fits_a_t4_by_the_estimate():
+    """configs/t4_qlora_8b.yaml is sized to fit a T4; its comment quotes this estimate."""
+    result = CliRunner().invoke(train_app, [str(REPO / "configs" / "t4_qlora_8b.yaml"), "--estimate", "--json",
+                                            "--gpu", "t4", f"model.name_or_path={FIXTURES / 'llama-3.1-8b'}"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["fits"] is True and data["precision"] == "fp16"
+    assert 7.0 * 2**30 < data["total_bytes"] < 8.5 * 2**30  # 7.7 GiB when written

@@ -243,3 +243,27 @@ def test_resolved_config_of_a_checkpoint_reloads(tmp_path, trainable_model_dir):
     train(load_config(config), quiet=True)
     saved = yaml.safe_load((tmp_path / "out" / "checkpoint-1" / "lora_config.yaml").read_text())
     assert saved["train"]["resume_from_checkpoint"] is None
+
+
+def test_early_stopping_and_the_best_adapter_survive_a_resume(tmp_path, trainable_model_dir, monkeypatch):
+    """Stopped after step 3 and resumed, a run with early stopping and load_best_at_end stops at the same step with
+    the same best adapter as the run never interrupted: the counters and the best weights are in the checkpoint."""
+    import lora_cli.training.loop as loop
+
+    real = loop.evaluate
+
+    def mirrored(*args, **kwargs):  # 10 - the real loss: the first evaluation is the best, later ones are worse
+        metrics = real(*args, **kwargs)
+        return {**metrics, "eval_loss": 10.0 - metrics["eval_loss"]}
+
+    monkeypatch.setattr(loop, "evaluate", mirrored)
+    reference, resumed = resume_case(
+        tmp_path, trainable_model_dir("llama"), stop_at=3, data={"val_size": 3},
+        train={"max_steps": 12, "eval_steps": 2, "early_stopping_patience": 2, "load_best_at_end": True},
+    )
+    for out in (reference, resumed):
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert state["stopped_early"] and state["global_step"] == 6 and state["best_step"] == 2
+    assert records(resumed) == records(reference)
+    assert weights(resumed) == weights(reference) == weights(reference / "checkpoint-2")  # the best, not the last
+    assert (resumed / "checkpoint-3" / "best_adapter.safetensors").is_file()
