@@ -15,7 +15,8 @@ import torch
 from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
-from .models import _check_source, check_4bit_support, load_base_model, load_tokenizer
+from .models import _check_source, load_base_model, load_tokenizer
+from .quantization import check_4bit_support
 
 
 @dataclass(frozen=True)

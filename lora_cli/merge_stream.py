@@ -24,7 +24,7 @@ from .errors import UserError
 from .inject import lora_layers
 from .lora import merged_weight
 from .memory_model import build_meta_model
-from .models import check_weight_files
+from .model_files import check_weight_files
 from .safetensors_io import SafetensorsFile, write_streaming
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -1,4 +1,5 @@
-"""The one place that loads base models and tokenizers, and decides precision and dtype.
+"""The one place that loads base models and tokenizers, and decides precision and dtype (4-bit loading in
+quantization.py; what is wrong with damaged model files in model_files.py).
 
 lora-train, lora-merge and lora-generate all load through here, so they see the same model the same way.
 """
@@ -7,15 +8,15 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from .errors import UserError
+from .model_files import damaged_error, damaged_weight_files, unpickling_error
+from .quantization import check_4bit_support, keep_standard_4bit_layout, quantization_kwargs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -199,28 +200,6 @@ def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:
     return UserError(f"Could not load {what} '{name_or_path}': {first_line}. {advice}")
 
 
-def _unpickling_error(name_or_path: str, err: Exception) -> UserError:
-    """torch.load(weights_only=True) refused a pytorch_model*.bin: it pickles more than tensors."""
-    folder = Path(name_or_path).expanduser()
-    files = sorted(str(f) for f in folder.glob("*.bin")) if folder.is_dir() else []
-    named = ", ".join(files) if files else f"the pytorch_model*.bin of '{name_or_path}'"
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    reason = f" (it holds a pickled {found.group(1)})" if found else ""
-    source = files[0] if files else "pytorch_model.bin"
-    target = str(Path(source).with_name("model.safetensors"))
-    convert = (
-        f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{source}', "
-        f"weights_only=False); save_file({{k: v.clone().contiguous() for k, v in sd.items() if isinstance(v, "
-        f"torch.Tensor)}}, '{target}', metadata={{'format': 'pt'}})\""
-    )
-    return UserError(
-        f"Could not load the model '{name_or_path}': torch refused to unpickle its checkpoint {named} with "
-        f"weights_only=True{reason}, because unpickling anything but tensors can run code. Use a copy of the model "
-        "that ships safetensors, or, if you trust the file, convert it to model.safetensors once (transformers "
-        f"prefers that to the .bin; a sharded checkpoint needs each shard converted and an index): {convert}"
-    )
-
-
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed (falls back to eos, as most chat models expect)."""
     from transformers import AutoTokenizer
@@ -261,10 +240,10 @@ def load_base_model(
         )
     except Exception as err:  # what transformers raises for a damaged file varies: look at the files themselves
         if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            raise _unpickling_error(name_or_path, err) from None
+            raise unpickling_error(name_or_path, err) from None
         damaged = damaged_weight_files(name_or_path, revision)
         if damaged:
-            raise _damaged_error(name_or_path, revision, damaged) from None
+            raise damaged_error(name_or_path, revision, damaged) from None
         if isinstance(err, RuntimeError) and "ignore_mismatched_sizes" in str(err):
             raise UserError(
                 f"The weights of '{name_or_path}' do not fit its config.json: a tensor has another shape than the "
@@ -276,103 +255,15 @@ def load_base_model(
     for param in model.parameters():
         param.requires_grad_(False)
     if load_in_4bit:
-        _keep_standard_4bit_layout(model)
+        keep_standard_4bit_layout(model)
     elif device is not None:  # a 4-bit model is placed by its device_map; transformers refuses to move it
         model.to(device)
     return model.eval()
 
 
-# --- damaged downloads ---------------------------------------------------------------------------------------
-
-
-def _model_folder(name_or_path: str, revision: str | None) -> Path | None:
-    """The local folder the weights are read from: the folder itself, or the Hub cache's snapshot of the model."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
-    except Exception:  # not a Hub name, or not in the cache: nothing local to look at
-        return None
-
-
-def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """The weight files transformers reads from `folder` (safetensors first, as it does), and missing shards."""
-    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
-                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError, OSError):
-                return [], [f"{index} (not a valid shard index)"]
-            missing = [f"{folder / s} (missing, though {index_name} lists it)" for s in shards
-                       if not (folder / s).is_file()]
-            return [folder / s for s in shards if (folder / s).is_file()], missing
-        if (folder / single).is_file():
-            return [folder / single], []
-    return [], []
-
-
-def _weight_file_problem(file: Path) -> str | None:
-    """Why `file` cannot be a whole weights file (None if it looks whole): safetensors files are checked against
-    their header's length, PyTorch zip archives for their closing directory (a cut file loses it)."""
-    if file.suffix == ".safetensors":
-        try:
-            with safe_open(str(file), framework="pt"):
-                return None
-        except (SafetensorError, OSError) as err:
-            return str(err)
-    with open(file, "rb") as handle:
-        head = handle.read(4)
-    if not head:
-        return "empty"
-    if head.startswith(b"PK") and not zipfile.is_zipfile(file):
-        return "a zip archive cut short"
-    return None  # a legacy (pre-zip) PyTorch pickle, or a zip that at least ends properly
-
-
-def damaged_weight_files(name_or_path: str, revision: str | None = None) -> list[str]:
-    """The model's weight files that are truncated, unreadable or missing, each as 'path (why)'."""
-    folder = _model_folder(name_or_path, revision)
-    if folder is None:
-        return []
-    files, problems = _weight_files(folder)
-    for file in files:
-        problem = _weight_file_problem(file)
-        if problem is not None:
-            problems.append(f"{file} ({problem})")
-    return problems
-
-
-def check_weight_files(name_or_path: str, revision: str | None = None) -> None:
-    """Refuse a model whose weight files are truncated, unreadable or missing, naming each and the fix."""
-    damaged = damaged_weight_files(name_or_path, revision)
-    if damaged:
-        raise _damaged_error(name_or_path, revision, damaged)
-
-
-def _damaged_error(name_or_path: str, revision: str | None, damaged: list[str]) -> UserError:
-    if Path(name_or_path).expanduser().is_dir():
-        fix = "Re-download the model (or copy its folder again) and rerun."
-    else:
-        rev = f" --revision {revision}" if revision else ""
-        fix = f"Re-download it with `hf download {name_or_path}{rev} --force-download` and rerun."
-    return UserError(
-        f"The weights of the model '{name_or_path}' are damaged or incomplete: {'; '.join(damaged)}. An "
-        f"interrupted download or copy leaves files like this. {fix}"
-    )
-
 
 def model_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# --- QLoRA: a 4-bit base -------------------------------------------------------------------------------------
-
-BNB_INSTALL_HINT = 'pip install -e ".[qlora]" (in a lora-cli checkout) or pip install "bitsandbytes>=0.46.1"'
 
 
 def base_quantization(load_in_4bit: bool, precision: PrecisionChoice) -> dict:
@@ -381,74 +272,3 @@ def base_quantization(load_in_4bit: bool, precision: PrecisionChoice) -> dict:
         return {}
     check_4bit_support()
     return {"load_in_4bit": True, "compute_dtype": PRECISION_DTYPES[precision.precision], "device": precision.device}
-
-
-def check_4bit_support(what: str = "model.load_in_4bit") -> None:
-    """bitsandbytes is an optional extra: say how to get it before anything slow is loaded."""
-    import logging
-
-    # On CPUs with AVX512-BF16 bitsandbytes' import logs a warning suggesting an optional `kernels` package for its
-    # CPU inference kernel, which lora-cli never uses (see _keep_standard_4bit_layout); keep it off the terminal.
-    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    previous_level = cpu_ops_log.level
-    cpu_ops_log.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise UserError(
-            f"{what} loads the base model in 4 bits with bitsandbytes, which is not installed ({err}). Install it "
-            f"with: {BNB_INSTALL_HINT}. Or turn 4-bit loading off (model.load_in_4bit: false in a config, no "
-            "--load-in-4bit for lora-generate)."
-        ) from None
-    finally:
-        cpu_ops_log.setLevel(previous_level)
-    import transformers
-    from transformers.utils import is_bitsandbytes_available
-
-    if not is_bitsandbytes_available():  # transformers' own minimum version for 4-bit loading
-        raise UserError(
-            f"{what}: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} is too old for transformers "
-            f"{transformers.__version__}; upgrade it: pip install -U bitsandbytes"
-        )
-
-
-# What stays in half precision: everything that is not quantized. The embeddings, norms and output head of a 4-bit
-# model are loaded in `dtype`, the half type of the training precision on a GPU, as in a 16-bit run. PEFT's
-# prepare_model_for_kbit_training casts them all to fp32. Measured (scripts/qlora_check.py upcast: SmolLM2-135M,
-# 4-bit, one batch, LoRA gradients against an all-fp32 reference), upcasting does not make the gradients more
-# accurate: relative error 0.072 all half / 0.074 norms fp32 / 0.075 norms, embedding and head fp32 under fp16;
-# 0.196 / 0.181 / 0.180 under bf16. The error comes from the 16-bit compute of the linear layers, which upcasting
-# leaves alone. It does cost memory: +2.1 GB for Llama-3.1-8B's untied 128k embedding and head, and fp32 norm
-# weights turn the norms' outputs, and the outputs of the projections fed by them, into fp32 activations.
-# model.dtype: float32 gives PEFT's behaviour to whoever wants it.
-def quantization_kwargs(compute_dtype: torch.dtype, device: str | None) -> dict:
-    """from_pretrained arguments for QLoRA's base: NF4 weights with double quantization (the QLoRA paper's choice,
-    ~4.13 bits per weight), computing in the training precision (fp16 on a T4, bf16 on sm80+, fp32 on CPU).
-
-    transformers leaves the output head unquantized. The model is placed whole on the training device:
-    `torch.cuda.current_device()` is the process's own GPU under `accelerate launch` (Accelerate sets it).
-    """
-    from transformers import BitsAndBytesConfig
-
-    check_4bit_support()
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-    return {"quantization_config": config, "device_map": {"": device or "cpu"}}
-
-
-def _keep_standard_4bit_layout(model) -> None:
-    """Turn off bitsandbytes' CPU inference shortcut on every 4-bit layer.
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode with an input that needs no gradient repacks the
-    weight in place into another layout and from then on computes in bf16 whatever the compute dtype, without a
-    gradient for its input. A LoRA layer keeps its 4-bit base out of `model.train()`, so that would happen during
-    training too (and change evaluation's numbers); and `dequantize_4bit`, which DoRA and the tests rely on, reads
-    only the standard layout. GPUs never take this path.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False

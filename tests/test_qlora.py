@@ -145,7 +145,8 @@ def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(model_dir, ar
 
 @pytest.mark.parametrize("capability,compute", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
 def test_the_4bit_layers_compute_in_the_training_precision_on_its_device(capability, compute):
-    from lora_cli.models import base_quantization, choose_precision, quantization_kwargs
+    from lora_cli.models import base_quantization, choose_precision
+    from lora_cli.quantization import quantization_kwargs
 
     precision = choose_precision("auto", capability=capability)
     assert base_quantization(True, precision) == {"load_in_4bit": True, "compute_dtype": compute,

@@ -1,0 +1,117 @@
+"""What is wrong with a model's files, told in the user's terms: truncated or missing weight files, and pickled
+checkpoints torch refuses to unpickle. models.load_base_model asks here when transformers' own error is unclear.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserError
+
+
+def unpickling_error(name_or_path: str, err: Exception) -> UserError:
+    """torch.load(weights_only=True) refused a pytorch_model*.bin: it pickles more than tensors."""
+    folder = Path(name_or_path).expanduser()
+    files = sorted(str(f) for f in folder.glob("*.bin")) if folder.is_dir() else []
+    named = ", ".join(files) if files else f"the pytorch_model*.bin of '{name_or_path}'"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    reason = f" (it holds a pickled {found.group(1)})" if found else ""
+    source = files[0] if files else "pytorch_model.bin"
+    target = str(Path(source).with_name("model.safetensors"))
+    convert = (
+        f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{source}', "
+        f"weights_only=False); save_file({{k: v.clone().contiguous() for k, v in sd.items() if isinstance(v, "
+        f"torch.Tensor)}}, '{target}', metadata={{'format': 'pt'}})\""
+    )
+    return UserError(
+        f"Could not load the model '{name_or_path}': torch refused to unpickle its checkpoint {named} with "
+        f"weights_only=True{reason}, because unpickling anything but tensors can run code. Use a copy of the model "
+        "that ships safetensors, or, if you trust the file, convert it to model.safetensors once (transformers "
+        f"prefers that to the .bin; a sharded checkpoint needs each shard converted and an index): {convert}"
+    )
+
+
+def _model_folder(name_or_path: str, revision: str | None) -> Path | None:
+    """The local folder the weights are read from: the folder itself, or the Hub cache's snapshot of the model."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception:  # not a Hub name, or not in the cache: nothing local to look at
+        return None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The weight files transformers reads from `folder` (safetensors first, as it does), and missing shards."""
+    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
+                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError, OSError):
+                return [], [f"{index} (not a valid shard index)"]
+            missing = [f"{folder / s} (missing, though {index_name} lists it)" for s in shards
+                       if not (folder / s).is_file()]
+            return [folder / s for s in shards if (folder / s).is_file()], missing
+        if (folder / single).is_file():
+            return [folder / single], []
+    return [], []
+
+
+def _weight_file_problem(file: Path) -> str | None:
+    """Why `file` cannot be a whole weights file (None if it looks whole): safetensors files are checked against
+    their header's length, PyTorch zip archives for their closing directory (a cut file loses it)."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt"):
+                return None
+        except (SafetensorError, OSError) as err:
+            return str(err)
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(file):
+        return "a zip archive cut short"
+    return None  # a legacy (pre-zip) PyTorch pickle, or a zip that at least ends properly
+
+
+def damaged_weight_files(name_or_path: str, revision: str | None = None) -> list[str]:
+    """The model's weight files that are truncated, unreadable or missing, each as 'path (why)'."""
+    folder = _model_folder(name_or_path, revision)
+    if folder is None:
+        return []
+    files, problems = _weight_files(folder)
+    for file in files:
+        problem = _weight_file_problem(file)
+        if problem is not None:
+            problems.append(f"{file} ({problem})")
+    return problems
+
+
+def check_weight_files(name_or_path: str, revision: str | None = None) -> None:
+    """Refuse a model whose weight files are truncated, unreadable or missing, naming each and the fix."""
+    damaged = damaged_weight_files(name_or_path, revision)
+    if damaged:
+        raise damaged_error(name_or_path, revision, damaged)
+
+
+def damaged_error(name_or_path: str, revision: str | None, damaged: list[str]) -> UserError:
+    if Path(name_or_path).expanduser().is_dir():
+        fix = "Re-download the model (or copy its folder again) and rerun."
+    else:
+        rev = f" --revision {revision}" if revision else ""
+        fix = f"Re-download it with `hf download {name_or_path}{rev} --force-download` and rerun."
+    return UserError(
+        f"The weights of the model '{name_or_path}' are damaged or incomplete: {'; '.join(damaged)}. An "
+        f"interrupted download or copy leaves files like this. {fix}"
+    )
