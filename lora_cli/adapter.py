@@ -97,6 +97,7 @@ def save_adapter(
     if not tensors:
         raise UserError("The model has no LoRA layers to save.")
     config = adapter_config_dict(model, settings, target_modules, base_model_name_or_path, revision)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_dir / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")

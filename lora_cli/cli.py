@@ -97,6 +97,9 @@ def train_command(
     from .errors import TrainingStopped
 
     cfg = load_config(config, overrides or [])
+    if estimate and dry_run:
+        raise UserError("Choose one of --estimate (memory only, from config.json; loads nothing) or --dry-run (loads "
+                        "the model and data, and prints the estimate too).")
     if estimate:  # before anything loads a model or data
         _print_estimate(cfg, gpu, json_output)
         return
@@ -108,10 +111,12 @@ def train_command(
     try:
         train(cfg, dry_run=dry_run, gpu=gpu)
     except TrainingStopped as stopped:
-        err_console.print(
-            f"stopped at step {stopped.step}; saved in {stopped.checkpoint}. To continue, run:\n  "
-            f"{_resume_command(config, overrides or [])}", markup=False, highlight=False, soft_wrap=True,
-        )
+        if stopped.finished:
+            message = f"stopped after the run had finished: the adapter is saved in {stopped.checkpoint}."
+        else:
+            message = (f"stopped at step {stopped.step}; saved in {stopped.checkpoint}. To continue, run:\n  "
+                       f"{_resume_command(config, overrides or [])}")
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(128 + stopped.signum) from None
 
 

@@ -48,7 +48,8 @@ def temp_name(path: Path) -> str:
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path` (replacing any old file)."""
     path = Path(path)
-    _ensure_writable_dir(path.parent)
+    if not path.parent.is_dir():  # never re-create a folder that vanished (a temporary one someone removed)
+        raise FileNotFoundError(errno.ENOENT, "the folder to write into does not exist", str(path.parent))
     fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -186,8 +187,22 @@ def _fsync_dir(path: Path) -> None:
 # --- checks and messages ---------------------------------------------------------------------------------------
 
 
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+
+
+def is_disk_full(err: BaseException, folder: Path | None = None) -> bool:
+    """Whether a write failed for want of space. Not only OSError: safetensors, tokenizers (Rust) and torch's zip
+    writer raise types of their own with the system's words in the message, or (torch) a bare "unexpected pos"
+    for a short write, which counts when `folder`'s disk is (nearly) full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    if any(words in text for words in _DISK_FULL_WORDS):
+        return True
+    if folder is not None and "unexpected pos" in text:
+        free = free_bytes(folder)
+        return free is not None and free < 2**20
+    return False
 
 
 def free_bytes(folder: Path) -> int | None:

@@ -15,7 +15,7 @@ import torch
 from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
-from .models import _check_source, load_base_model, load_tokenizer
+from .models import check_source, load_base_model, load_tokenizer
 from .quantization import check_4bit_support
 
 
@@ -79,7 +79,7 @@ def load_model(
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
         adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
-    _check_source(source.name_or_path, what)
+    check_source(source.name_or_path, what)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
     where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")

@@ -26,12 +26,12 @@ from torch import nn
 
 from .adapter import read_adapter_config
 from .errors import UserError
-from .fsutil import atomic_dir, check_can_create, is_within
+from .fsutil import atomic_dir, check_can_create, is_disk_full, is_within
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
-from .models import load_tokenizer, parse_dtype, stored_dtype
+from .models import check_source, load_tokenizer, parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
 # holding adapter_config.json makes transformers (and vLLM, TGI) treat the folder as a PEFT adapter and try to
@@ -160,8 +160,12 @@ def save_merged(
             if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
                 model.generation_config.save_pretrained(tmp)
             _write_side_files(tmp, tokenizer, adapter_config)
-    except OSError as err:
-        raise write_error(out_dir, err, needed) from None
+    except UserError:
+        raise
+    except Exception as err:  # safetensors and tokenizers raise their own types for a full disk
+        if isinstance(err, OSError) or is_disk_full(err):
+            raise write_error(out_dir, err, needed) from None
+        raise
     return out_dir
 
 
@@ -202,9 +206,9 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def write_error(out_dir: Path, err: OSError, needed: int) -> UserError:
+def write_error(out_dir: Path, err: Exception, needed: int) -> UserError:
     """The message for a failed write (the partial output is already gone: atomic_dir removed it)."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(err, out_dir):
         return UserError(
             f"Not enough disk space for the merged model in {out_dir}: it needs about {_size(needed)} and "
             f"{_size(_free_bytes(out_dir))} are free. Free some space or choose another output folder; nothing "
@@ -236,6 +240,7 @@ def merge_adapter(
     if base is not None and config.base_model_name_or_path and config.base_model_name_or_path != base:
         log(f"note: the adapter names {config.base_model_name_or_path} as its base; merging into {base} as asked")
     source = base_source_of_adapter(adapter_dir, base, revision, trust_remote_code)
+    check_source(source.name_or_path, "--base" if base is not None else f"The base named in {adapter_dir}")
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     check_output_dir(output_dir, overwrite, protected)
@@ -263,8 +268,12 @@ def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_c
         with _remove_new_parents_on_failure(output_dir), atomic_dir(output_dir, overwrite=overwrite) as tmp:
             write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
             _write_side_files(tmp, tokenizer, adapter_config)
-    except OSError as err:
-        raise write_error(output_dir, err, needed) from None
+    except UserError:
+        raise
+    except Exception as err:  # safetensors and tokenizers raise their own types for a full disk
+        if isinstance(err, OSError) or is_disk_full(err):
+            raise write_error(output_dir, err, needed) from None
+        raise
     result.streamed, result.merged_tensors = True, len(plan.merged)
     result.largest_merge_error = plan.largest_relative_error
     log(f"verify: {len(plan.merged)} merged weights reproduce W x + scaling B A x (largest relative difference "

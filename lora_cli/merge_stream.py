@@ -104,7 +104,9 @@ def _checkpoint(source) -> dict[str, SafetensorsFile] | str:
             if path is None:
                 return f"the shard {name} named in {INDEX_NAME} is missing"
             files[name] = SafetensorsFile(path)
-        return {key: files[name] for key, name in weight_map.items()}
+        # Each tensor from the shard that holds it, by the shards' own headers: an index that names the wrong shard
+        # (hand-edited, or from another save) must not break the merge when the tensors are all there.
+        return {key: file for file in files.values() for key in file.keys()}
     single = _resolve(source, SINGLE_NAME)
     if single is not None:
         file = SafetensorsFile(single)
@@ -224,6 +226,9 @@ def _produce(plan: StreamPlan, key: str) -> torch.Tensor:
     if target is None:
         out = stored.to(dtype)
     else:
+        if stored.is_floating_point():  # a NaN already in the base is the base's fault, not the adapter's
+            _check_finite(key, stored, "the base model's weight holds", "The base model's files are corrupt: "
+                          "re-download them.")
         merged = merged_weight(stored, target.lora_A, target.lora_B, target.scaling, target.fan_in_fan_out,
                                target.magnitude)
         _check_finite(key, merged, "merging the LoRA update gives", "The adapter's lora_A/lora_B tensors are "

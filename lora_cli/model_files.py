@@ -67,7 +67,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
     return [], []
 
 
-def _weight_file_problem(file: Path) -> str | None:
+def weight_file_problem(file: Path) -> str | None:
     """Why `file` cannot be a whole weights file (None if it looks whole): safetensors files are checked against
     their header's length, PyTorch zip archives for their closing directory (a cut file loses it)."""
     if file.suffix == ".safetensors":
@@ -92,7 +92,7 @@ def damaged_weight_files(name_or_path: str, revision: str | None = None) -> list
         return []
     files, problems = _weight_files(folder)
     for file in files:
-        problem = _weight_file_problem(file)
+        problem = weight_file_problem(file)
         if problem is not None:
             problems.append(f"{file} ({problem})")
     return problems

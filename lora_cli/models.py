@@ -154,7 +154,7 @@ def base_dtype(dtype_setting: str, precision: PrecisionChoice) -> torch.dtype:
     return PRECISION_DTYPES[precision.precision] if precision.device == "cuda" else torch.float32
 
 
-def _check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
+def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
     if looks_local and not path.exists():
@@ -204,7 +204,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     """The tokenizer, with a pad token guaranteed (falls back to eos, as most chat models expect)."""
     from transformers import AutoTokenizer
 
-    _check_source(name_or_path)
+    check_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -232,7 +232,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
-    _check_source(name_or_path)
+    check_source(name_or_path)
     extra = quantization_kwargs(compute_dtype or dtype, device) if load_in_4bit else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -95,7 +95,7 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | No
                 raise
             result = finish(run, last_loss, last_eval)
     if stop.signum is not None:  # the signal came during the final save, which completed
-        raise TrainingStopped(stop.signum, run.state.global_step, run.out)
+        raise TrainingStopped(stop.signum, run.state.global_step, run.out, finished=True)
     return result
 
 
@@ -120,7 +120,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     trackers.check_installed(cfg.train.report_to)
     prompts = load_prompts(cfg)
     precision = choose_precision(cfg.train.precision)
-    out = Path(cfg.train.output_dir)
+    out = outdir.resolve_output_dir(cfg.train.output_dir)
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
@@ -130,7 +130,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     main = accelerator.is_main_process
     quiet = quiet or not main
     say = _printer(main)
-    plan, lock = _plan(cfg, out, dry_run, main, say, accelerator, cleanup)
+    plan = _plan(cfg, out, dry_run, main, say, accelerator, cleanup)
     if plan.finished:
         say(plan.finished, markup=False)
         return None
@@ -165,23 +165,21 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     run = Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
               report.target_modules, out, steps, None, quiet, say=say)
     run.prompts, run.started = prompts, started
-    _start(run, plan, lock, cleanup)
+    _start(run, plan, cleanup)
     return run
 
 
-def _start(run: Run, plan: StartPlan, lock, cleanup: contextlib.ExitStack) -> None:
-    """The run's state (fresh, or restored from the checkpoint), the output_dir lock, the trackers and the metrics
-    sink; for a resumed run the RNG states come last, so nothing here draws from the restored generators."""
+def _start(run: Run, plan: StartPlan, cleanup: contextlib.ExitStack) -> None:
+    """The run's state (fresh, or restored from the checkpoint), the trackers and the metrics sink; for a resumed run the RNG states come last, so nothing here draws from the restored generators."""
     accelerator, cfg = run.accelerator, run.cfg
-    run.state = _initial_state(run, plan, data_fingerprint(run.bundle.train))
+    run.state = _initial_state(run, plan, data_fingerprint(run.bundle.train, run.bundle.val))
     run.start_step = run.state.global_step
-    if run.main and lock is None:
-        cleanup.callback((lock := outdir.lock(run.out)).close)
     saved_rng = rng_state()  # a tracker's start-up must not draw from the generators training uses
     run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))
     set_rng_state(saved_rng)
     cleanup.callback(_end_trackers, run)  # also on a failure or a second Ctrl-C
-    run.sink = MetricsSink(run.out, run.state.run_name, writes=run.main, show=say_nothing, tracker=run.trackers)
+    run.sink = MetricsSink(run.out, run.state.run_name, writes=run.main, show=say_nothing, tracker=run.trackers,
+                           warn=lambda m: run.say(m, markup=False))
     run.sink.start(run.state.log_history, run.state.samples)
     if plan.checkpoint is not None:
         set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
@@ -204,23 +202,22 @@ def _printer(main: bool):
 
 
 def _plan(cfg: Config, out: Path, dry_run: bool, main: bool, say, accelerator,
-          cleanup: contextlib.ExitStack) -> tuple[StartPlan, object]:
-    """Check output_dir (before anything slow loads), clean up after killed runs, and decide where to start."""
+          cleanup: contextlib.ExitStack) -> StartPlan:
+    """Check output_dir (before anything slow loads), lock it, clean up after killed runs, decide where to start."""
+    data_paths = [cfg.data.path] + ([cfg.data.val_path] if cfg.data.val_path else [])
     if dry_run:  # a dry run writes nothing and refuses nothing: it says what a real run would do
         try:
-            outdir.check_location(out, cfg.model.name_or_path, cfg.data.path)
-            return plan_start(cfg, log=lambda m: say(f"note: {m}", markup=False)), None
+            outdir.check_location(out, cfg.model.name_or_path, data_paths)
+            return plan_start(cfg, out, log=lambda m: say(f"note: {m}", markup=False))
         except UserError as err:
             say(f"[yellow]note: a real run would stop here:[/yellow] {_escape(err)}")
-            return StartPlan(), None
-    outdir.check_location(out, cfg.model.name_or_path, cfg.data.path)
-    lock = None
-    if main:
+            return StartPlan()
+    outdir.check_location(out, cfg.model.name_or_path, data_paths)
+    if main:  # the lock first: what recover removes is then surely left by a dead run
+        cleanup.callback(outdir.lock(out).close)
         outdir.recover(out, log=lambda m: say(m, markup=False))
-        if out.is_dir():
-            cleanup.callback((lock := outdir.lock(out)).close)
     accelerator.wait_for_everyone()
-    return plan_start(cfg, log=lambda m: say(m, markup=False)), lock
+    return plan_start(cfg, out, log=lambda m: say(m, markup=False))
 
 
 def _escape(err: Exception) -> str:
@@ -262,15 +259,31 @@ def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainRe
     run.accelerator.wait_for_everyone()
     if not run.main:
         return result
-    if t.merge_at_end:
-        result.merged_dir = run.out / "merged"
     _end_trackers(run)  # their files are closed before output_dir is swapped for the result
-    outdir.publish(run.out, lambda folder: _write_result(run, folder), state.run_id, _result_bytes(run))
+    later = ("merged",) if t.merge_at_end else ()
+    outdir.publish(run.out, lambda folder: _write_result(run, folder), state.run_id, _result_bytes(run), later)
     run.say(f"adapter saved to {run.out}", markup=False)
-    if result.merged_dir is not None:
+    if t.merge_at_end:
+        result.merged_dir = _merge_at_end(run)
         run.say(f"merged model saved to {result.merged_dir}", markup=False)
     print_summary(run, run.out)
     return result
+
+
+def _merge_at_end(run: Run) -> Path:
+    """train.merge_at_end, once the adapter is safe in output_dir: lora-merge's own verified merge, in fp32 from the
+    base on disk (also for a 4-bit or fp16 run), into output_dir/merged (atomic). If it fails (a full disk: a merged
+    3B model is ~6 GB), the adapter stays and the message says how to merge it later."""
+    from .merge import merge_adapter
+
+    cfg, merged = run.cfg, run.out / "merged"
+    try:
+        merge_adapter(run.out, merged, base=cfg.model.name_or_path, revision=cfg.model.revision,
+                      trust_remote_code=cfg.model.trust_remote_code, log=lambda m: run.say(m, markup=False))
+    except UserError as err:
+        raise UserError(f"The adapter is saved in {run.out}, but merging it (train.merge_at_end) failed: {err} Once "
+                        f"that is fixed, merge it with: lora-merge {run.out} {merged}") from None
+    return merged
 
 
 def _end_trackers(run: Run) -> None:
@@ -287,15 +300,7 @@ def _write_result(run: Run, folder: Path) -> None:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(run.state.samples))
     title = title_for(cfg.model.name_or_path, cfg.data.path, run.state.run_name)
     write_loss_plot(run.state.log_history, folder / PLOT_NAME, title, warn=run.say)
-    if cfg.train.merge_at_end:
-        from .merge import merge_adapter
-
-        # The one verified merge: lora-merge's own, in fp32 from the base on disk (also for a 4-bit or fp16 run).
-        merge_adapter(folder, folder / "merged", base=cfg.model.name_or_path, revision=cfg.model.revision,
-                      trust_remote_code=cfg.model.trust_remote_code, log=lambda m: run.say(m, markup=False))
 
 
 def _result_bytes(run: Run) -> int:
-    lora = sum(t.numel() * 4 for t in lora_state_dict(run.model).values())
-    merged = sum(p.numel() * p.element_size() for p in run.model.parameters()) if run.cfg.train.merge_at_end else 0
-    return lora + merged + 2**25
+    return sum(t.numel() * 4 for t in lora_state_dict(run.model).values()) + 2**25  # the adapter, tokenizer, logs

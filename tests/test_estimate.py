@@ -149,6 +149,8 @@ def test_dry_run_prints_the_estimate_for_the_data_it_tokenized(tmp_path, trainab
     assert "dry run: nothing was trained" in result.output
     bad = CliRunner().invoke(train_app, [str(config), "--json"])
     assert bad.exit_code == 2 and "--json goes with --estimate" in bad.output
+    both = CliRunner().invoke(train_app, [str(config), "--estimate", "--dry-run"])
+    assert both.exit_code == 2 and "Choose one of --estimate" in both.output
 
 
 def test_the_qlora_8b_config_fits_a_t4_by_the_estimate():

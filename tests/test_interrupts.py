@@ -99,7 +99,7 @@ def count_calls(action) -> int:
 
 def restore(template: Path, out: Path) -> None:
     for leftover in out.parent.glob(f".{out.name}.*"):
-        shutil.rmtree(leftover)
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     shutil.rmtree(out, ignore_errors=True)
     if template.exists():
         shutil.copytree(template, out)
@@ -107,7 +107,7 @@ def restore(template: Path, out: Path) -> None:
 
 def assert_clean_after_recovery(out: Path) -> None:
     outdir.recover(out, log=lambda m: None)
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and p.suffix != ".lock"]
     leftovers += [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old"))] if out.is_dir() else []
     assert not leftovers, leftovers
 

@@ -153,3 +153,43 @@ def test_streaming_writer_writes_the_bytes_save_file_writes(tmp_path):
         assert torch.equal(read.read(key), tensor)
     with pytest.raises(ValueError, match="expected"):
         write_streaming(tmp_path / "bad.safetensors", entries, lambda k: tensors[k].float())
+
+
+def test_a_base_whose_index_names_the_wrong_shard_still_streams(tmp_path):
+    """Each tensor is read from the shard whose header holds it: a hand-edited or stale index that points a tensor
+    at another shard (transformers loads such a base fine) does not break the streamed merge."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny.save_model("llama", tmp_path / "base")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(sharded, max_shard_size="30KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((base_dir / name).read_bytes())
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = "model.layers.0.mlp.down_proj.weight"
+    index["weight_map"][key] = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    index_path.write_text(json.dumps(index))
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", target_modules="all-linear")
+    streamed, in_memory = merge_both_ways(adapter, tmp_path, "--base", str(sharded))
+    assert_same_folders(streamed, in_memory)
+
+
+def test_errors_name_the_base_option_and_blame_a_corrupt_base(tiny_model_dir, tmp_path):
+    """--base that does not exist is named as --base; a NaN in the base is the base's fault, not the adapter's."""
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    assert_error(merge(adapter, tmp_path / "m1", "--base", tmp_path / "nowhere"), "--base", "does not exist")
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(broken)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_model_dir("llama") / name).read_bytes())
+    result = merge(adapter, tmp_path / "m2", "--base", broken)
+    assert_error(result, "q_proj", "base model's weight", "re-download")
+    assert not (tmp_path / "m2").exists()

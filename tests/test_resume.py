@@ -151,7 +151,7 @@ def test_resume_refuses_changed_data(tmp_path, trainable_model_dir):
     cut = interrupted_copy(tmp_path / "out", 2, tmp_path / "cut")
     data = tmp_path / "data.jsonl"
     data.write_text(data.read_text().replace("green", "blue"))
-    with pytest.raises(UserError, match="training data differs"):
+    with pytest.raises(UserError, match="training or validation data differs"):
         train(load_config(config, [f"train.output_dir={cut}", "train.resume_from_checkpoint=auto"]), quiet=True)
 
 
@@ -267,3 +267,61 @@ def test_early_stopping_and_the_best_adapter_survive_a_resume(tmp_path, trainabl
     assert records(resumed) == records(reference)
     assert weights(resumed) == weights(reference) == weights(reference / "checkpoint-2")  # the best, not the last
     assert (resumed / "checkpoint-3" / "best_adapter.safetensors").is_file()
+
+
+def test_resume_refuses_changed_validation_data(tmp_path, trainable_model_dir):
+    """The validation set decides early stopping and the best adapter: a changed val_path file is refused too."""
+    from test_train import write_jsonl
+
+    val = write_jsonl(tmp_path / "val.jsonl", CHAT_ROWS[:3])
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, data={"val_path": str(val)},
+                         train={"max_steps": 4, "save_steps": 2})
+    train(load_config(config), quiet=True)
+    cut = interrupted_copy(tmp_path / "out", 2, tmp_path / "cut")
+    val.write_text(val.read_text().replace("Orla", "Olga"))
+    with pytest.raises(UserError, match="training or validation data differs"):
+        train(load_config(config, [f"train.output_dir={cut}", "train.resume_from_checkpoint=auto"]), quiet=True)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_note(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train={"max_steps": 6, "save_steps": 2})
+    train(load_config(config), quiet=True)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for step in (2, 4):
+        shutil.copytree(tmp_path / "out" / f"checkpoint-{step}", cut / f"checkpoint-{step}")
+    damaged = cut / "checkpoint-4" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # cut short
+    result = runner.invoke(train_app, [str(config), f"train.output_dir={cut}", "train.resume_from_checkpoint=auto"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "checkpoint-4 cannot be resumed from: its adapter_model.safetensors is damaged" in text
+    assert f"resuming from {cut / 'checkpoint-2'}" in text
+    assert weights(cut) == weights(tmp_path / "out")
+    damaged.write_bytes(damaged.read_bytes()[:100])  # the resumed run wrote a good checkpoint-4: damage it again
+    explicit = runner.invoke(train_app, [str(config), f"train.output_dir={tmp_path / 'other'}",
+                                         f"train.resume_from_checkpoint={cut / 'checkpoint-4'}"])
+    assert explicit.exit_code == 2 and "is damaged" in explicit.output and "Traceback" not in explicit.output
+
+
+def test_auto_with_overwrite_starts_over_when_the_checkpoints_are_of_another_config(tmp_path, trainable_model_dir):
+    """The same command rerun blindly (auto + overwrite) after a change of config: the old run's checkpoints cannot
+    be continued, and overwrite_output_dir allows discarding them, so it starts over instead of refusing."""
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 4, "save_steps": 2})
+    train(load_config(config), quiet=True)
+    cut = interrupted_copy(tmp_path / "out", 2, tmp_path / "cut")
+    args = [str(config), f"train.output_dir={cut}", "train.resume_from_checkpoint=auto", "lora.r=4"]
+    refused = runner.invoke(train_app, args)
+    assert refused.exit_code == 2 and "lora.r" in refused.output
+    result = runner.invoke(train_app, args + ["train.overwrite_output_dir=true"])
+    assert result.exit_code == 0, result.output
+    assert "starting over" in result.output
+    assert json.loads((cut / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_the_finished_message_says_how_to_train_further(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 2})
+    train(load_config(config), quiet=True)
+    result = runner.invoke(train_app, [str(config), "train.resume_from_checkpoint=auto"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "kept no checkpoint to continue from" in text and "overwrite_output_dir" in text

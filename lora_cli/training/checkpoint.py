@@ -32,6 +32,7 @@ from ..config import Config, config_to_yaml
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, atomic_write_text, disk_full_message, is_disk_full
 from ..inject import LoraSettings, lora_state_dict
+from ..model_files import weight_file_problem
 from .plot import PLOT_NAME, title_for, write_loss_plot
 from .state import Run, TrainState
 
@@ -87,8 +88,8 @@ def save_checkpoint(run: Run, best: dict | None) -> Path | None:
                 save_file(best, str(tmp / BEST_NAME), metadata={"format": "pt"})
             title = title_for(run.cfg.model.name_or_path, run.cfg.data.path, run.state.run_name)
             write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
-    except OSError as err:
-        if is_disk_full(err):
+    except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
+        if is_disk_full(err, run.out):
             raise UserError(disk_full_message(f"checkpoint {final.name}", run.out, checkpoint_bytes(run.model))
                             + " Earlier checkpoints are intact; resume from them with "
                             "train.resume_from_checkpoint=auto.") from None
@@ -192,6 +193,10 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
         why = ("it was written by an older lora-cli without the training state" if state is not None and not
                state.run_id else f"it lacks {', '.join(missing)}")
         return CheckpointInfo(path, step or 0, state, why)
+    for name in (WEIGHTS_NAME, BEST_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, RNG_NAME):
+        problem = weight_file_problem(path / name) if (path / name).is_file() else None
+        if problem:  # cut short or overwritten since it was written (a synced-folder conflict, a bad disk)
+            return CheckpointInfo(path, state.global_step, state, f"its {name} is damaged ({problem})")
     return CheckpointInfo(path, state.global_step, state)
 
 
@@ -212,7 +217,7 @@ def newest_resumable(out: Path) -> CheckpointInfo | None:
 def load_training_state(path: Path, run: Run) -> tuple[TrainState, dict | None]:
     """Restore LoRA weights, optimizer, schedule and loss scaler from a checkpoint; return its state and the best
     weights kept for train.load_best_at_end. RNG states are restored separately, last (set_rng_state)."""
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    tensors = _load_tensors(path / WEIGHTS_NAME)
     own = dict(run.model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():
@@ -222,7 +227,7 @@ def load_training_state(path: Path, run: Run) -> tuple[TrainState, dict | None]:
     scaler = getattr(run.accelerator, "scaler", None)
     if scaler is not None and (path / SCALER_NAME).is_file():
         scaler.load_state_dict(_load_torch(path / SCALER_NAME))
-    best = load_file(str(path / BEST_NAME)) if (path / BEST_NAME).is_file() else None
+    best = _load_tensors(path / BEST_NAME) if (path / BEST_NAME).is_file() else None
     state = TrainState.from_dict(json.loads((path / STATE_NAME).read_text(encoding="utf-8")))
     return state, best
 
@@ -230,6 +235,13 @@ def load_training_state(path: Path, run: Run) -> tuple[TrainState, dict | None]:
 def load_rng_state(path: Path, rank: int) -> dict:
     states = _load_torch(path / RNG_NAME)
     return states[rank]
+
+
+def _load_tensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"Checkpoint file {path} could not be read ({err}); resume from another checkpoint.") from None
 
 
 def _load_torch(path: Path):

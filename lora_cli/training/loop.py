@@ -90,7 +90,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
                     break
                 if _checkpoint_due(run):
                     save_checkpoint(run, run.best_weights)
-                    run.last_save = time.monotonic()
+                    run.last_save, run.last_checkpoint_step = time.monotonic(), state.global_step
                 _stop_if_asked(run, stop)
             else:  # the epoch ran out before max_steps
                 state.epoch += 1
@@ -144,8 +144,10 @@ def _stop_if_asked(run: Run, stop: StopRequests) -> None:
     """After a step: on a pending Ctrl-C / SIGTERM (on any process), write a checkpoint and stop."""
     if not _any_process(run, stop.signum is not None):
         return
-    path = save_checkpoint(run, run.best_weights)
-    raise TrainingStopped(stop.signum or 15, run.state.global_step, path)
+    step = run.state.global_step
+    if run.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
+        save_checkpoint(run, run.best_weights)
+    raise TrainingStopped(stop.signum or 15, step, run.out / f"checkpoint-{step}")
 
 
 def _any_process(run: Run, flag: bool) -> bool:

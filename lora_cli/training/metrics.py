@@ -37,12 +37,14 @@ class MetricsSink:
     """Records -> console, the live files (main process only), the trackers (a plug-in: `log(record)` and
     `text(step, rows)`, see trackers.Trackers; None for none), and the run's history."""
 
-    def __init__(self, out: Path, run_name: str, writes: bool, show, tracker=None):
+    def __init__(self, out: Path, run_name: str, writes: bool, show, tracker=None, warn=print):
         self.path = out / LIVE_DIR / run_name / METRICS_NAME
         self.samples_path = self.path.with_name(SAMPLES_NAME)
         self.writes = writes  # only the main process writes
         self.show = show  # record (or sample row) -> None: the console line, or nothing when quiet
         self.tracker = tracker
+        self.warn = warn  # message -> None
+        self.write_failed = False
 
     def start(self, history: list[dict], samples: list[dict] = ()) -> None:
         """Begin the live files with the records so far: none for a fresh run, the checkpoint's for a resumed one
@@ -71,6 +73,13 @@ class MetricsSink:
         history.extend(rows)
 
     def _append(self, path: Path, records: list[dict]) -> None:
-        if self.writes and records:
+        if not (self.writes and records):
+            return
+        try:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(to_jsonl(records))
+        except OSError as err:  # a full disk must not end the run here: the history is kept in memory and written
+            if not self.write_failed:  # with the result (and into every checkpoint); say it once
+                self.warn(f"warning: could not append to {path} ({err.strerror or err}); training goes on, the "
+                          "records are kept and written with the result")
+            self.write_failed = True

@@ -23,7 +23,9 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,7 +50,6 @@ from ..fsutil import (
 from .checkpoint import PREFIX
 
 MANIFEST_NAME = ".lora_cli_result.json"  # which names the published result consists of, and when it was published
-LOCK_NAME = ".lora-train.lock"
 LIVE_DIR = "runs"
 # What earlier versions wrote as the result (they wrote no manifest): replaced, never carried over.
 KNOWN_RESULT_NAMES = (
@@ -78,8 +79,24 @@ def _ready_path(out: Path) -> Path:
 # --- checks before anything is loaded --------------------------------------------------------------------------
 
 
-def check_location(out: Path, model_path: str, data_path: str) -> None:
-    """Refuse an output_dir that is a file, not writable, or entangled with the base model folder."""
+def resolve_output_dir(output_dir: str) -> Path:
+    """train.output_dir as the folder the result replaces: `~` expanded, absolute, and a symbolic link followed to
+    its target (a link to a Drive folder on Colab: the result goes to Drive, the link stays a link)."""
+    out = Path(os.path.abspath(Path(output_dir).expanduser()))
+    if out.is_symlink():
+        out = out.resolve()
+    cwd = Path.cwd().resolve()
+    if is_within(cwd, out):
+        where = "is" if cwd == out.resolve() else "contains"
+        raise UserError(
+            f"train.output_dir '{output_dir}' {where} the folder lora-train runs in ({cwd}). The result replaces "
+            "output_dir as a whole, so give it a folder of its own, e.g. train.output_dir=outputs/run1."
+        )
+    return out
+
+
+def check_location(out: Path, model_path: str, data_paths: list[str]) -> None:
+    """Refuse an output_dir that is a file, not writable, or entangled with the base model or the data."""
     if out.exists() and not out.is_dir():
         raise UserError(f"train.output_dir '{out}' exists and is not a folder; choose another train.output_dir.")
     check_can_create(out, "train.output_dir")
@@ -90,12 +107,18 @@ def check_location(out: Path, model_path: str, data_path: str) -> None:
             f"train.output_dir '{out}' {relation} the base model folder '{model_path}'. Writing an adapter there "
             "would make transformers load the adapter whenever it loads the base. Choose another train.output_dir."
         )
-    data = Path(data_path).expanduser()
-    if data.exists() and is_within(data, out):
-        raise UserError(
-            f"train.output_dir '{out}' contains the training data '{data_path}', which replacing the folder would "
-            "move. Choose another train.output_dir."
-        )
+    for data_path in data_paths:
+        data = Path(data_path).expanduser()
+        if data.exists() and is_within(data, out):
+            raise UserError(
+                f"train.output_dir '{out}' contains the data '{data_path}', which replacing the folder would move. "
+                "Choose another train.output_dir."
+            )
+        if data.is_dir() and is_within(out, data):
+            raise UserError(
+                f"train.output_dir '{out}' is inside the data folder '{data_path}': the next run would read its "
+                "checkpoints and logs as training data. Choose a train.output_dir outside it."
+            )
 
 
 # --- locking and leftovers -------------------------------------------------------------------------------------
@@ -103,11 +126,12 @@ def check_location(out: Path, model_path: str, data_path: str) -> None:
 
 def lock(out: Path):
     """Hold an exclusive lock on output_dir for the run (released when the process ends, also by kill -9), so two
-    runs never write into one folder and the leftovers cleaned up at start are surely dead ones."""
+    runs never write into one folder and the leftovers cleaned up at start are surely dead ones. The lock file lies
+    beside output_dir (`.<name>.lock`), since output_dir itself is swapped when the result is published."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(out.with_name(temp_name(out) + "lock"), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -128,8 +152,9 @@ def lock(out: Path):
 
 
 def recover(out: Path, log: Callable[[str], None]) -> None:
-    """Finish or undo what a killed run left: a complete result not yet swapped in is swapped in (it is newer
-    than what output_dir holds); incomplete temporary folders are removed."""
+    """Finish or undo what a killed run left, touching only names lora-train itself makes (call it holding the lock):
+    a complete result not yet swapped in is swapped in (it is newer than what output_dir holds); a checkpoint whose
+    replacement was cut between its two renames gets its old, complete copy back; temporary folders are removed."""
     ready = _ready_path(out)
     if ready.is_dir():
         if not out.exists() or _published_at(ready) > _published_at(out):
@@ -141,12 +166,28 @@ def recover(out: Path, log: Callable[[str], None]) -> None:
         else:
             shutil.rmtree(ready, ignore_errors=True)
     recover_dir(out, ready)
-    for folder, pattern in ((out.parent, temp_name(out) + "*"), (out, ".*")):
-        if not folder.is_dir():
+    if out.parent.is_dir():
+        publishing = re.compile(re.escape(temp_name(out)) + r"publish-[a-z0-9_]+" + re.escape(TMP_SUFFIX))
+        for leftover in out.parent.iterdir():
+            if publishing.fullmatch(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
+    if out.is_dir():
+        _recover_checkpoints(out)
+
+
+_CHECKPOINT_TEMP = re.compile(r"\.(checkpoint-\d+)\.(?:[a-z0-9_]+\.tmp|replaced\.old)")
+
+
+def _recover_checkpoints(out: Path) -> None:
+    for leftover in list(out.iterdir()):
+        match = _CHECKPOINT_TEMP.fullmatch(leftover.name)
+        if not match or not leftover.is_dir():
             continue
-        for leftover in folder.iterdir():
-            if fnmatch.fnmatch(leftover.name, pattern) and leftover.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        final = out / match.group(1)
+        if leftover.name.endswith(OLD_SUFFIX) and not final.exists():
+            os.replace(leftover, final)  # the complete old copy of a checkpoint whose replacement was cut short
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _published_at(folder: Path) -> int:
@@ -158,13 +199,17 @@ def _published_at(folder: Path) -> int:
 # --- publishing the result -------------------------------------------------------------------------------------
 
 
-def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes: int) -> None:
+def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes: int,
+            later: tuple[str, ...] = ()) -> None:
     """Build the result with `write(folder)` in a hidden sibling, carry over what is not part of any result, and swap
-    it in as output_dir. Nothing in output_dir changes unless all of it succeeds."""
+    it in as output_dir. Nothing in output_dir changes unless all of it succeeds. `later`: names the run adds to the
+    result after publishing (merged/), listed in the manifest so that a later run replaces them too."""
     stage = make_temp_dir(out, tag="publish-")
     try:
+        if out.is_dir():  # the new folder takes the old one's place: keep its permissions and owner (setgid too)
+            _same_mode_and_owner(stage, out)
         write(stage)
-        names = sorted(p.name for p in stage.iterdir())
+        names = sorted({p.name for p in stage.iterdir()} | set(later))
         manifest = {"published_at": time.time_ns(), "run_id": run_id, "names": names}
         atomic_write_text(stage / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         sync_tree(stage)
@@ -174,8 +219,8 @@ def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes:
         shutil.rmtree(ready, ignore_errors=True)
         os.replace(stage, ready)  # the commit point: from here on a later run completes the swap if this one dies
         replace_dir(ready, out)
-    except OSError as err:
-        if is_disk_full(err):
+    except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
+        if is_disk_full(err, out.parent):
             raise UserError(disk_full_message("the final adapter", out, needed_bytes) + " The previous contents of "
                             "the folder are intact, and so are this run's checkpoints (resume with "
                             "train.resume_from_checkpoint=auto).") from None
@@ -184,11 +229,18 @@ def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _same_mode_and_owner(folder: Path, like: Path) -> None:
+    info = like.stat()
+    os.chmod(folder, stat.S_IMODE(info.st_mode))
+    with contextlib.suppress(OSError):  # another owner needs privileges; the mode is what matters most
+        os.chown(folder, info.st_uid, info.st_gid)
+
+
 def _carry_over(out: Path, stage: Path, new_names: set[str], run_id: str) -> None:
     stale = _old_result_names(out)
     for entry in out.iterdir():
         name = entry.name
-        if name in new_names or name in stale or name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+        if name in new_names or name in stale or _CHECKPOINT_TEMP.fullmatch(name):
             continue
         if name.startswith(PREFIX) and entry.is_dir():
             state = result_state(entry)

@@ -168,11 +168,13 @@ def _result_run_name(out: Path) -> str:
 
 
 def redraw(out: Path) -> Path:
-    """lora-train --plot: draw OUTPUT_DIR/loss.png from the newest metrics.jsonl there; returns the picture's path."""
+    """lora-train --plot: draw loss.png from the newest metrics.jsonl of OUTPUT_DIR, beside that file: OUTPUT_DIR's
+    own for a finished run, runs/<run_name>/ for a running or interrupted one (a finished result folder never gets
+    the picture of another run); returns the picture's path."""
     out = Path(out)
     metrics = find_metrics(out)
     if matplotlib_missing():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
-    path = out / PLOT_NAME
+    path = metrics.with_name(PLOT_NAME)
     write_loss_plot(read_records(metrics), path, _title_from_folder(out, metrics))
     return path

@@ -39,10 +39,10 @@ class StartPlan:
     finished: str | None = None  # set when output_dir already holds this run's finished result: nothing to do
 
 
-def plan_start(cfg: Config, log: Callable[[str], None]) -> StartPlan:
-    """Decide from output_dir and train.resume_from_checkpoint; refuse what would lose or mix results."""
+def plan_start(cfg: Config, out: Path, log: Callable[[str], None]) -> StartPlan:
+    """Decide from output_dir (`out`, resolved) and train.resume_from_checkpoint; refuse what would lose or mix
+    results."""
     t = cfg.train
-    out = Path(t.output_dir)
     mode = t.resume_from_checkpoint
     if mode is not None and mode != "auto":
         checkpoint = _explicit_checkpoint(Path(mode), cfg)
@@ -50,17 +50,7 @@ def plan_start(cfg: Config, log: Callable[[str], None]) -> StartPlan:
         return StartPlan(checkpoint=checkpoint)
     newest = newest_resumable(out)
     if mode == "auto":
-        if _finished(out, cfg, newest):
-            return StartPlan(finished=f"train.output_dir '{out}' already holds this run's finished adapter "
-                                      f"(step {result_state(out)['global_step']}); nothing to resume. Raise "
-                                      "train.max_steps or train.epochs to train further.")
-        if newest is not None:
-            check_compatible(newest, cfg)
-            log(f"resuming from {newest.path} (step {newest.step} of the run started {newest.state.run_started})")
-            return StartPlan(checkpoint=newest)
-        _refuse_finished_result(out, cfg)
-        log(f"no checkpoint to resume in {out}: starting a fresh run")
-        return StartPlan()
+        return _plan_auto(cfg, out, newest, log)
     _refuse_finished_result(out, cfg)
     stale = [c for c in list_checkpoints(out)]
     if stale and not t.overwrite_output_dir and not has_result(out):
@@ -74,6 +64,36 @@ def plan_start(cfg: Config, log: Callable[[str], None]) -> StartPlan:
     if stale or has_result(out):
         log(f"starting over in {out} (train.overwrite_output_dir=true): what it holds stays until this run replaces "
             "it; checkpoints of the earlier run are removed when this run writes its first one")
+    return StartPlan()
+
+
+def _plan_auto(cfg: Config, out: Path, newest: CheckpointInfo | None, log: Callable[[str], None]) -> StartPlan:
+    """resume_from_checkpoint=auto: the newest complete checkpoint, a fresh start when there is none, or nothing to
+    do when output_dir holds this very run, finished."""
+    if _finished(out, cfg, newest):
+        further = (f"raise train.max_steps or train.epochs and the run continues from {newest.path.name}" if newest
+                   else "it kept no checkpoint to continue from, so start over with train.overwrite_output_dir=true")
+        return StartPlan(finished=f"train.output_dir '{out}' already holds this run's finished adapter (step "
+                                  f"{result_state(out)['global_step']}); nothing to resume. To train further, {further}.")
+    for skipped in [c for c in list_checkpoints(out) if not c.resumable and c.step > (newest.step if newest else -1)]:
+        log(f"note: {skipped.path.name} cannot be resumed from: {skipped.problem}")
+    if newest is not None:
+        try:
+            check_compatible(newest, cfg)
+        except UserError:
+            if not cfg.train.overwrite_output_dir:
+                raise
+            log(f"the checkpoints in {out} belong to a run with another config: starting over, as "
+                "train.overwrite_output_dir=true allows")
+            return StartPlan()
+        log(f"resuming from {newest.path} (step {newest.step} of the run started {newest.state.run_started})")
+        return StartPlan(checkpoint=newest)
+    if has_result(out) and not cfg.train.overwrite_output_dir:
+        raise UserError(
+            f"train.output_dir '{out}' holds a trained adapter of another run (or one that kept no checkpoint to "
+            "continue from). Choose another train.output_dir, or set train.overwrite_output_dir=true to replace it."
+        )
+    log(f"no checkpoint to resume in {out}: starting a fresh run")
     return StartPlan()
 
 
@@ -176,8 +196,9 @@ def check_resumable_run(checkpoint: CheckpointInfo, total_steps: int, num_proces
         )
     if state.data_fingerprint and state.data_fingerprint != fingerprint:
         raise UserError(
-            f"Cannot resume from {checkpoint.path}: the training data differs from the data it was trained on (the "
-            "file changed, or the tokenizer). Restore the data, or start a fresh run in another train.output_dir."
+            f"Cannot resume from {checkpoint.path}: the training or validation data differs from the data it was "
+            "trained on (a file changed, or the tokenizer). Restore the data, or start a fresh run in another "
+            "train.output_dir."
         )
     if total_steps < state.global_step:
         raise UserError(
@@ -186,11 +207,14 @@ def check_resumable_run(checkpoint: CheckpointInfo, total_steps: int, num_proces
         )
 
 
-def data_fingerprint(examples) -> str:
-    """A hash of the tokenized training examples (ids and labels, in order)."""
+def data_fingerprint(*example_lists) -> str:
+    """A hash of the tokenized examples (ids and labels, in order): the training set, then the validation set (which
+    decides early stopping and the best adapter)."""
     digest = hashlib.sha256()
-    for example in examples:
-        digest.update(len(example.input_ids).to_bytes(4, "little"))
-        digest.update(array("q", example.input_ids).tobytes())
-        digest.update(array("q", example.labels).tobytes())
+    for examples in example_lists:
+        digest.update(len(examples).to_bytes(8, "little"))
+        for example in examples:
+            digest.update(len(example.input_ids).to_bytes(4, "little"))
+            digest.update(array("q", example.input_ids).tobytes())
+            digest.update(array("q", example.labels).tobytes())
     return digest.hexdigest()[:16]

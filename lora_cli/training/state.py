@@ -74,6 +74,7 @@ class Run:
     say: object = print  # message -> None on the main process, nothing elsewhere
     best_weights: dict | None = None  # LoRA tensors of the best evaluation (train.load_best_at_end)
     last_save: float = 0.0  # time.monotonic() of the last checkpoint, for train.save_minutes
+    last_checkpoint_step: int | None = None  # a stop right after this step's checkpoint need not write it again
     prompts: list[str] = field(default_factory=list)  # train.eval_prompts, read before the model loaded
     trackers: object = None  # trackers.Trackers on the main process when train.report_to names any
     started: float = 0.0  # time.perf_counter() when setup began, for the closing summary
