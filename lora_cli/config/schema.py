@@ -221,7 +221,7 @@ class TrainSection(_Section):
         if isinstance(values, list) and all(isinstance(v, str) for v in values):
             names = [v.strip().lower() for v in values]
             return list(dict.fromkeys(n for n in names if n != "none"))
-        return value
+        raise PydanticCustomError("report_to", "must be a list of trackers such as [tensorboard] or [wandb], or none")
 
     @field_validator("run_name")
     @classmethod
