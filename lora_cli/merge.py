@@ -154,18 +154,11 @@ def save_merged(
         model.config.use_cache = True
     out_dir = Path(out_dir)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
-    try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, max_shard_size=shard_bytes)
-            if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
-                model.generation_config.save_pretrained(tmp)
-            _write_side_files(tmp, tokenizer, adapter_config)
-    except UserError:
-        raise
-    except Exception as err:  # safetensors and tokenizers raise their own types for a full disk
-        if isinstance(err, OSError) or is_disk_full(err):
-            raise write_error(out_dir, err, needed) from None
-        raise
+    with _write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(tmp)
+        _write_side_files(tmp, tokenizer, adapter_config)
     return out_dir
 
 
@@ -176,6 +169,20 @@ def _write_side_files(folder: Path, tokenizer, adapter_config: dict | None) -> N
         (folder / MERGED_ADAPTER_CONFIG_NAME).write_text(
             json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
+
+
+@contextlib.contextmanager
+def _write_errors_reported(out_dir: Path, needed: int):
+    """A failed write of the merged model as one message (exit 2): safetensors and tokenizers report a full disk with
+    types of their own, in the system's words."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if isinstance(err, OSError) or is_disk_full(err):
+            raise write_error(out_dir, err, needed) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -264,16 +271,10 @@ def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_c
     name = str(result.dtype).split(".")[1]
     log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
         f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
-    try:
-        with _remove_new_parents_on_failure(output_dir), atomic_dir(output_dir, overwrite=overwrite) as tmp:
-            write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
-            _write_side_files(tmp, tokenizer, adapter_config)
-    except UserError:
-        raise
-    except Exception as err:  # safetensors and tokenizers raise their own types for a full disk
-        if isinstance(err, OSError) or is_disk_full(err):
-            raise write_error(output_dir, err, needed) from None
-        raise
+    with (_write_errors_reported(output_dir, needed), _remove_new_parents_on_failure(output_dir),
+          atomic_dir(output_dir, overwrite=overwrite) as tmp):
+        write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
+        _write_side_files(tmp, tokenizer, adapter_config)
     result.streamed, result.merged_tensors = True, len(plan.merged)
     result.largest_merge_error = plan.largest_relative_error
     log(f"verify: {len(plan.merged)} merged weights reproduce W x + scaling B A x (largest relative difference "
