@@ -19,7 +19,7 @@ from .errors import UserError
 from .inject import LoraSettings
 from .losses import chunk_rows
 from .memory_model import GiB, MiB, ModelFacts, StepShape, build_meta_model, model_facts, step_parts
-from .models import base_dtype, choose_precision
+from .models import base_dtype, check_source, choose_precision
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ def read_model_config(cfg: Config):
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"model.name_or_path '{source}' is a folder without config.json; the estimate needs it.")
+    if path.is_dir():
+        check_source(source)  # a damaged config.json or a wrong-typed field: named, not a traceback
     try:
         return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)

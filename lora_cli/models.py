@@ -171,6 +171,7 @@ def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
         )
     if path.is_dir():
         _check_config_json(path / "config.json")
+        _check_config_fields(path / "config.json")
 
 
 def _check_config_json(path: Path) -> None:
@@ -188,6 +189,25 @@ def _check_config_json(path: Path) -> None:
             f"{path} must hold a JSON object (the model's configuration), not a {type(config).__name__}. "
             "Re-download or re-save the model."
         )
+
+
+def _check_config_fields(path: Path) -> None:
+    """transformers checks the types of config.json's fields (`hidden_size: "big"`) and raises huggingface_hub's
+    validation error, which is neither an OSError nor a ValueError: name the file and the field instead."""
+    from transformers import AutoConfig
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: transformers did not validate field types then
+        return
+    try:
+        AutoConfig.from_pretrained(path.parent)
+    except StrictDataclassError as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines())
+        raise UserError(f"{path} has a field transformers refuses: {detail}. Fix that field (compare with the "
+                        "model's original config.json) or re-download the model.") from None
+    except Exception:  # anything else (remote code, an unknown model type) is reported by the load itself
+        return
 
 
 def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:

@@ -175,6 +175,21 @@ def test_broken_config_json_is_named(tiny_model_dir, tmp_path, content, problem)
         assert str(base / "config.json") in str(err.value) and problem in str(err.value)
 
 
+def test_wrong_typed_config_json_field_is_named(tiny_model_dir, tmp_path):
+    """transformers' own validation error (huggingface_hub's, neither OSError nor ValueError) was a traceback."""
+    from lora_cli.estimate import read_model_config
+
+    base = copy_model(tiny_model_dir, tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    cfg = validate_config({"model": {"name_or_path": str(base)}, "data": {"path": "d.jsonl"}})
+    for load in (lambda: load_tokenizer(str(base)), lambda: load_base_model(str(base)), lambda: read_model_config(cfg)):
+        with pytest.raises(UserError) as err:
+            load()
+        message = str(err.value)
+        assert str(base / "config.json") in message and "hidden_size" in message and "re-download" in message
+
+
 # --- item 5: wrong-typed adapter_config.json fields ----------------------------------------------------------
 
 BAD_FIELDS = {
