@@ -100,6 +100,20 @@ def test_tensorboard_scalars_equal_metrics_also_after_resume(tmp_path, trainable
     assert_same_scalars(tensorboard_scalars(resumed_out / "runs" / "first-try"), expected_scalars(resumed_records))
 
 
+def test_a_fresh_run_reusing_a_run_name_hides_the_older_runs_events(tmp_path, trainable_model_dir):
+    """A second fresh run named like the first (train.run_name) writes into the same TensorBoard folder: it must show
+    only its own steps, as its metrics.jsonl does, not the first run's longer curve behind it."""
+    pytest.importorskip("tensorboard")
+    train_section = {"max_steps": 6, "report_to": "tensorboard", "run_name": "again"}
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train=train_section)
+    train(load_config(config), quiet=True)
+    second = load_config(config, ["train.max_steps=3", "train.learning_rate=0.002", "train.overwrite_output_dir=true"])
+    train(second, quiet=True)
+    out = Path(second.train.output_dir)
+    assert len(list((out / "runs" / "again").glob("events.out.tfevents.*"))) == 2
+    assert_same_scalars(tensorboard_scalars(out / "runs" / "again"), expected_scalars(jsonl(out / "metrics.jsonl")))
+
+
 def wandb_history(run_file: Path) -> tuple[dict, dict[int, dict]]:
     """The run's (id, name, project) and history rows of an offline W&B run file (a leveldb-style log of
     wandb_internal Record protos)."""

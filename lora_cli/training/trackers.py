@@ -109,8 +109,10 @@ def start(accelerator, cfg, state, config_values: dict) -> Trackers | None:
     folder = logging_dir(cfg)
     made, where = [], []
     if "tensorboard" in report_to:
-        kwargs = {"purge_step": state.global_step + 1} if state.global_step else {}
-        made.append(TensorBoardTracker(state.run_name, folder, **kwargs))
+        # TensorBoard hides earlier events from this step on: a resumed run's steps after its checkpoint, and all
+        # of an older fresh run's that used the same train.run_name (as metrics.jsonl starts over, so does the plot)
+        purge_from = state.global_step + 1 if state.global_step else 0
+        made.append(TensorBoardTracker(state.run_name, folder, purge_step=purge_from))
         where.append(f"TensorBoard: {folder / state.run_name}  (tensorboard --logdir {folder})")
     if "wandb" in report_to:
         project = cfg.train.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT
