@@ -9,6 +9,10 @@ class UserError(Exception):
     """
 
 
+class ModelNotFound(UserError):
+    """The model (or its tokenizer) could not be found or read by transformers: a wrong name, or no Hub access."""
+
+
 class TrainingStopped(Exception):
     """A run stopped by SIGINT/SIGTERM after writing a checkpoint it can resume from.
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapter import read_adapter_config
-from .errors import UserError
+from .errors import ModelNotFound, UserError
 from .fsutil import atomic_dir, check_can_create, is_disk_full, is_within
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
@@ -247,6 +247,7 @@ def merge_adapter(
     if base is not None and config.base_model_name_or_path and config.base_model_name_or_path != base:
         log(f"note: the adapter names {config.base_model_name_or_path} as its base; merging into {base} as asked")
     source = base_source_of_adapter(adapter_dir, base, revision, trust_remote_code)
+    named_by_adapter = base is None
     check_source(source.name_or_path, "--base" if base is not None else f"The base named in {adapter_dir}")
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
@@ -255,12 +256,30 @@ def merge_adapter(
         target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
     result = MergeResult(output_dir, base, target_dtype)
     if not verify_logits:
-        tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)  # a missing base fails here
+        with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):  # a missing base fails here
+            tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)
         plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
         if isinstance(plan, StreamPlan):
             return _merge_streaming(plan, tokenizer, result, config.raw, overwrite, log)
         log(f"note: {plan}, so the merge runs in memory (about 4 bytes of RAM per parameter)")
-    return _merge_in_memory(source, adapter_dir, result, config.raw, shard_bytes, verify_logits, overwrite, log)
+    with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
+        return _merge_in_memory(source, adapter_dir, result, config.raw, shard_bytes, verify_logits, overwrite, log)
+
+
+@contextlib.contextmanager
+def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adapter: bool):
+    """A base that fails to load while its name came from the adapter: say where the name came from."""
+    try:
+        yield
+    except ModelNotFound as err:
+        if not named_by_adapter:
+            raise
+        # lora-train writes the base as its config gave it: a relative folder only resolves from where it ran
+        raise UserError(
+            f"{err} The name '{source.name_or_path}' comes from {adapter_dir / 'adapter_config.json'} "
+            "(base_model_name_or_path, as the training config gave it; a relative folder is looked up from the "
+            "current folder). Pass the base with --base MODEL."
+        ) from None
 
 
 def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,

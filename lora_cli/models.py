@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
+from .errors import ModelNotFound, UserError
 from .model_files import damaged_error, damaged_weight_files, unpickling_error
 from .quantization import check_4bit_support, keep_standard_4bit_layout, quantization_kwargs
 
@@ -165,9 +165,15 @@ def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
             "folder) or a Hub model name."
         )
     if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():  # the most common mix-up: an adapter where its base belongs
+            hint = ("pass it with --adapter and give the base model here" if what == "MODEL" else
+                    "give the base model it was trained on here (its adapter_config.json names it as "
+                    "base_model_name_or_path)")
+            raise UserError(f"{what} '{name_or_path}' is an adapter folder (it holds adapter_config.json), not a base "
+                            f"model: {hint}.")
         raise UserError(
-            f"{what} '{name_or_path}' is a folder without config.json, so not a Hugging Face model folder. "
-            "If it is an adapter folder, pass it with --adapter and give the base model here."
+            f"{what} '{name_or_path}' is a folder without config.json, so not a Hugging Face model folder. Pass the "
+            "folder that holds the model's config.json and weights, or a Hub model name."
         )
     if path.is_dir():
         _check_config_json(path / "config.json")
@@ -210,14 +216,14 @@ def _check_config_fields(path: Path) -> None:
         return
 
 
-def _load_error(name_or_path: str, err: Exception, what: str) -> UserError:
+def _load_error(name_or_path: str, err: Exception, what: str) -> ModelNotFound:
     first_line = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
     if Path(name_or_path).expanduser().is_dir():
         advice = "Check that the folder holds a complete Hugging Face model; re-download or re-save it if not."
     else:
         advice = ("If it is a Hub name, check the spelling and that the Hub is reachable (or the model is in the "
                   "local cache); otherwise pass a local model folder.")
-    return UserError(f"Could not load {what} '{name_or_path}': {first_line}. {advice}")
+    return ModelNotFound(f"Could not load {what} '{name_or_path}': {first_line}. {advice}")
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

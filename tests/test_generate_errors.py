@@ -128,7 +128,7 @@ def test_model_errors_name_the_model_argument(tmp_path, nan_adapter):
     missing = run(tmp_path / "nope", "--prompt", "hello")
     assert_error(missing, f"MODEL '{tmp_path / 'nope'}' does not exist")
     adapter_as_model = run(nan_adapter[1], "--prompt", "hello")
-    assert_error(adapter_as_model, "MODEL", "without config.json", "--adapter")
+    assert_error(adapter_as_model, "MODEL", "is an adapter folder", "pass it with --adapter")
     for result in (missing, adapter_as_model):
         assert "model.name_or_path" not in result.output
 

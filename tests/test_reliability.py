@@ -190,6 +190,36 @@ def test_wrong_typed_config_json_field_is_named(tiny_model_dir, tmp_path):
         assert str(base / "config.json") in message and "hidden_size" in message and "re-download" in message
 
 
+def test_an_adapter_folder_given_as_the_base_says_what_to_give_instead(tmp_path):
+    from lora_cli.models import check_source
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    for what in ("model.name_or_path", "--base"):  # neither lora-train nor lora-merge has an --adapter option
+        with pytest.raises(UserError) as err:
+            check_source(str(tmp_path), what)
+        assert f"{what} '{tmp_path}' is an adapter folder" in str(err.value) and "--adapter" not in str(err.value)
+        assert "base_model_name_or_path" in str(err.value)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(UserError, match="is a folder without config.json"):
+        check_source(str(tmp_path))
+
+
+def test_merge_says_where_a_missing_base_name_came_from(tiny_model_dir, tmp_path, monkeypatch):
+    """lora-train writes the base as its config gave it: a relative folder does not resolve from another folder."""
+    from lora_cli.merge import merge_adapter
+
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "models/gone"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for verify in (False, True):
+        with pytest.raises(UserError) as err:
+            merge_adapter(adapter, tmp_path / "merged", verify_logits=verify)
+        message = str(err.value)
+        assert "models/gone" in message and str(adapter / "adapter_config.json") in message and "--base" in message
+    assert not (tmp_path / "merged").exists()
+
+
 # --- item 5: wrong-typed adapter_config.json fields ----------------------------------------------------------
 
 BAD_FIELDS = {
