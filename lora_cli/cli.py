@@ -11,6 +11,7 @@ import functools
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -52,8 +53,8 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except UserError as err:
-            if debug:
-                raise
+            if debug:  # the traceback too, but the same exit code: scripts that check for 2 see no difference
+                traceback.print_exc()
             err_console.print(Text.assemble(("error:", "bold red"), " ", str(err)), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
@@ -88,7 +89,8 @@ def train_command(
 ) -> None:
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     if plot is not None:
-        _plot(plot, config, overrides, dry_run)
+        _plot(plot, config, overrides, [flag for flag, given in (("--dry-run", dry_run), ("--estimate", estimate),
+                                                                  ("--json", json_output), ("--gpu", gpu)) if given])
         return
     if config is None:
         raise UserError("Missing the config file: lora-train CONFIG.yaml [key=value ...] (see configs/ for examples), "
@@ -120,14 +122,13 @@ def train_command(
         raise typer.Exit(128 + stopped.signum) from None
 
 
-def _plot(output_dir: Path, config: Optional[Path], overrides: Optional[List[str]], dry_run: bool) -> None:
+def _plot(output_dir: Path, config: Optional[Path], overrides: Optional[List[str]], flags: List[str]) -> None:
     from .training.plot import redraw
 
-    extra = [str(a) for a in ([config] if config is not None else []) + list(overrides or [])]
-    if extra or dry_run:
-        given = " ".join(extra + (["--dry-run"] if dry_run else []))
+    extra = [str(a) for a in ([config] if config is not None else []) + list(overrides or [])] + flags
+    if extra:
         raise UserError(f"--plot OUTPUT_DIR draws a picture and trains nothing: it takes no config, overrides or "
-                        f"--dry-run (got {given}). Run lora-train --plot OUTPUT_DIR alone.")
+                        f"other options (got {' '.join(extra)}). Run lora-train --plot OUTPUT_DIR alone.")
     path = redraw(output_dir)
     err_console.print(Text(f"loss curves drawn to {path}"), highlight=False, soft_wrap=True)
 

@@ -139,6 +139,8 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
     tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
     say(report.summary, markup=False)
+    if cfg.model.load_in_4bit:
+        say(_four_bit_line(cfg, precision), markup=False)
     if risk := fp16_risk(model, precision):
         say(f"[yellow]warning:[/yellow] {_escape(risk)}")
     if main:
@@ -183,6 +185,12 @@ def _start(run: Run, plan: StartPlan, cleanup: contextlib.ExitStack) -> None:
     run.sink.start(run.state.log_history, run.state.samples)
     if plan.checkpoint is not None:
         set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
+
+
+def _four_bit_line(cfg: Config, precision: PrecisionChoice) -> str:
+    rest = str(base_dtype(cfg.model.dtype, precision)).split(".")[1]
+    return (f"base: linear layers in 4-bit NF4 (double quantization, computing in {precision.precision}); embeddings, "
+            f"norms and head in {rest}")
 
 
 def _memory_estimate(cfg: Config, bundle, gpu: str | None) -> str:
@@ -237,6 +245,10 @@ def _initial_state(run: Run, plan: StartPlan, fingerprint: str) -> TrainState:
                           data_fingerprint=fingerprint)
     check_resumable_run(plan.checkpoint, run.total_steps, world, fingerprint)
     state, best = load_training_state(plan.checkpoint.path, run)
+    if state.total_steps != run.total_steps:
+        run.say(f"note: this run trains {run.total_steps} steps in all, the checkpoint's run {state.total_steps}: the "
+                f"learning-rate schedule (warmup and decay) is re-planned over {run.total_steps} steps from step "
+                f"{state.global_step} on, so the learning rate changes there.", markup=False)
     state.total_steps = run.total_steps
     state.run_name = run.cfg.train.run_name or state.run_name  # a resumed run keeps its name unless given one
     run.best_weights = best if run.cfg.train.load_best_at_end else None

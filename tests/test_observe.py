@@ -199,7 +199,7 @@ def test_logging_dir_moves_the_tracker_files_but_not_the_live_log(tmp_path, tiny
     assert not list((tmp_path / "out" / "runs" / "r1").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("tracker, install", [("tensorboard", "pip install 'lora-cli[tensorboard]'"),
+@pytest.mark.parametrize("tracker, install", [("tensorboard", 'pip install -e ".[tensorboard]"'),
                                               ("wandb", "pip install wandb")])
 def test_missing_tracker_exits_2_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, tracker, install):
     import lora_cli.train as train_module
@@ -266,7 +266,10 @@ def test_loss_png_at_the_end_in_checkpoints_and_by_plot(tmp_path, trainable_mode
 @pytest.mark.parametrize("args, message", [
     (["--plot", "{tmp}/nowhere"], "no such folder"),
     (["--plot", "{tmp}"], "there is no metrics.jsonl"),
-    (["--plot", "{tmp}", "config.yaml"], "takes no config, overrides or --dry-run"),
+    (["--plot", "{tmp}", "config.yaml"], "takes no config, overrides or other options (got config.yaml)"),
+    (["--plot", "{tmp}", "--estimate"], "(got --estimate)"),
+    (["--plot", "{tmp}", "--json"], "(got --json)"),
+    (["--plot", "{tmp}", "--dry-run", "--gpu", "t4"], "(got --dry-run --gpu)"),
     ([], "Missing the config file"),
 ])
 def test_plot_usage_errors(tmp_path, args, message):
@@ -287,6 +290,15 @@ def test_a_run_without_matplotlib_still_finishes(tmp_path, tiny_model_dir, monke
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").is_file() and not (out / "loss.png").exists()
     assert not (out / "checkpoint-1" / "loss.png").exists()
+    assert "run summary" in result.output and "loss.png" not in result.output.split("run summary")[1]  # no plot row
+
+
+def test_learning_rate_tick_labels_fit_the_margin():
+    from lora_cli.training.plot import short_number
+
+    assert [short_number(v) for v in (0, 1.5e-4, 1e-4, 5e-5, 2e-3, 1.25e-6)] == ["0", "1.5e-4", "1e-4",
+                                                                               "5e-5", "0.002", "1.3e-6"]
+    assert all(len(short_number(v * 1e-6)) <= 6 for v in range(1, 1000))
 
 
 def test_smoothing_follows_the_trend_without_lag_at_the_start():

@@ -363,6 +363,8 @@ def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path
                          train={"gradient_checkpointing": True, "merge_at_end": True})
     result = CliRunner().invoke(train_app, [str(config)])
     assert result.exit_code == 0, result.output
+    assert "base: linear layers in 4-bit NF4 (double quantization, computing in fp32); embeddings, norms and head " \
+           "in float32" in " ".join(result.output.split())  # the console says the base is 4-bit
     out = tmp_path / "out"
     curve = losses(out)
     assert curve[-1] < 0.5 * curve[0], curve

@@ -103,6 +103,19 @@ def test_max_steps_may_grow_on_resume(tmp_path, trainable_model_dir):
     assert [r["step"] for r in records(tmp_path / "out") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_new_length_on_resume_says_the_schedule_is_replanned(tmp_path, trainable_model_dir):
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train={"max_steps": 4, "save_steps": 2})
+    assert runner.invoke(train_app, [str(config)]).exit_code == 0
+    shorter = runner.invoke(train_app, [str(config), "train.max_steps=1", "train.resume_from_checkpoint="
+                                        f"{tmp_path / 'out' / 'checkpoint-2'}"])
+    assert shorter.exit_code == 2 and "fewer than it has already done" in shorter.output
+    assert "at least 2" in shorter.output
+    longer = runner.invoke(train_app, [str(config), "train.max_steps=8", "train.resume_from_checkpoint=auto"])
+    assert longer.exit_code == 0, longer.output
+    assert "trains 8 steps in all, the checkpoint's run 4" in " ".join(longer.output.split())
+    assert "re-planned" in longer.output
+
+
 def test_auto_on_a_finished_run_has_nothing_to_do(tmp_path, trainable_model_dir):
     config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 3, "save_steps": 2})
     assert runner.invoke(train_app, [str(config)]).exit_code == 0

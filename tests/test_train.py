@@ -1,6 +1,8 @@
 """lora-train end to end on tiny models: learning, outputs, determinism, precision choice, errors."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,14 @@ def test_dry_run_trains_nothing(tmp_path, trainable_model_dir):
     assert "0 truncated" in result.output
     assert "Orla Fenwick" in result.output  # the preview of the first example
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # Captured like a pipe, without colour: the trained reply is marked in plain text, and YAML lines stay whole.
+    assert "trained tokens between [[ and ]]" in result.output
+    example = result.output.split("trained tokens between [[ and ]])", 1)[1]
+    marked = example.split("[[", 1)[1].split("]]", 1)[0]
+    assert "Orla Fenwick" in marked and "user" not in marked
+    long_value = "a prompt long enough to pass the eighty columns a pipe gets by default, and more"
+    wide = runner.invoke(train_app, [str(config), "--dry-run", f"train.eval_prompts=[{long_value}]"])
+    assert f"eval_prompts: [{long_value}]" in wide.output
 
 
 def test_overrides_apply(tmp_path, trainable_model_dir):
@@ -199,9 +209,11 @@ def test_bad_configs_exit_2_with_message(tmp_path, trainable_model_dir, change, 
 
 def test_debug_flag_shows_traceback(tmp_path, trainable_model_dir):
     config = make_config(tmp_path, trainable_model_dir("llama"), lora={"rr": 4})
-    result = runner.invoke(train_app, [str(config), "--debug"])
-    assert result.exit_code != 0
-    assert isinstance(result.exception, UserError)
+    result = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(config), "--debug"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr  # the same exit code as without --debug
+    assert "Traceback (most recent call last)" in result.stderr and "UserError" in result.stderr
+    assert "lora.rr: unknown key; did you mean `lora.r`?" in result.stderr.split("UserError")[-1]
 
 
 @pytest.mark.parametrize(

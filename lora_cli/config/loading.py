@@ -157,4 +157,6 @@ _ConfigDumper.add_representer(
 
 def config_to_yaml(config: Config) -> str:
     """The fully resolved config (every default filled in), in schema order; loading it gives an equal Config."""
-    return yaml.dump(config.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
+    # One line per value, however long (a prompt list): YAML's own folding at 80 columns is valid but hard to read
+    return yaml.dump(config.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True,
+                     width=2**16)

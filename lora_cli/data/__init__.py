@@ -14,12 +14,13 @@ tokenized pieces) gives the same tokens the model sees at inference, and the off
 from .batching import collate, collate_packed, length_grouped_batches, pack_rows, packed_batches
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
 from .formats import FORMATS, alpaca_prompt, detect_format
-from .preview import MASKED_STYLE, TRAINED_STYLE, _label_runs, preview
+from .preview import MASKED_STYLE, PLAIN_MARKS, TRAINED_STYLE, _label_runs, preview
 from .sources import DATA_EXTENSIONS, load_rows
 from .tokenize import build_datasets, tokenize_row
 
 __all__ = [
-    "DATA_EXTENSIONS", "FORMATS", "IGNORE_INDEX", "MASKED_STYLE", "TRAINED_STYLE", "DataBundle", "DataStats",
+    "DATA_EXTENSIONS", "FORMATS", "IGNORE_INDEX", "MASKED_STYLE", "PLAIN_MARKS", "TRAINED_STYLE", "DataBundle",
+    "DataStats",
     "Example", "RowError", "_label_runs", "alpaca_prompt", "build_datasets", "collate", "collate_packed",
     "detect_format", "length_grouped_batches", "load_rows", "pack_rows", "packed_batches", "preview",
     "tokenize_row",

@@ -10,8 +10,12 @@ TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
 
 
-def preview(example: Example, tokenizer) -> Text:
-    """The decoded example with trained tokens highlighted and masked tokens dim, for `lora-train --dry-run`.
+PLAIN_MARKS = ("[[", "]]")  # around trained runs where colour is lost: piped to a file, `tee`, NO_COLOR
+
+
+def preview(example: Example, tokenizer, plain: bool = False) -> Text:
+    """The decoded example with trained tokens highlighted and masked tokens dim, for `lora-train --dry-run`; with
+    `plain`, trained runs are also put between PLAIN_MARKS.
 
     Runs of tokens with the same trained/masked state are cut from decodes of growing prefixes, so spaces and
     multi-byte characters come out as in a decode of the whole example.
@@ -26,6 +30,8 @@ def preview(example: Example, tokenizer) -> Text:
             piece = decoded[len(decoded_so_far) :]
         else:  # a prefix decode that is not a prefix of the next (rare): decode the run alone
             piece = tokenizer.decode(example.input_ids[start:stop], skip_special_tokens=False)
+        if trained and plain:
+            piece = f"{PLAIN_MARKS[0]}{piece}{PLAIN_MARKS[1]}"
         text.append(piece, style=TRAINED_STYLE if trained else MASKED_STYLE)
         decoded_so_far = decoded
     return text

@@ -76,10 +76,12 @@ def print_data_summary(bundle) -> None:
 def print_dry_run(cfg: Config, tokenizer, bundle, memory: str) -> None:
     out = Console()
     out.rule("resolved config")
-    out.print(config_to_yaml(cfg), markup=False, highlight=False)
-    out.rule("first training example (trained tokens highlighted)")
+    out.print(config_to_yaml(cfg), markup=False, highlight=False, soft_wrap=True)  # YAML lines stay whole
+    plain = not out.is_terminal or out.no_color  # colour is lost in a pipe or a file: mark trained tokens too
+    marks = data_lib.PLAIN_MARKS if plain else None
+    out.rule(f"first training example (trained tokens {'between ' + ' and '.join(marks) if marks else 'highlighted'})")
     if bundle.train:
-        out.print(data_lib.preview(bundle.train[0], tokenizer))
+        out.print(data_lib.preview(bundle.train[0], tokenizer, plain=plain), soft_wrap=True)
     out.rule("GPU memory estimate (lora-train --estimate)")
     out.print(memory, markup=False, highlight=False, soft_wrap=True)
     out.rule("dry run: nothing was trained")

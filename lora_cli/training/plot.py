@@ -82,7 +82,7 @@ def _figure(records: list[dict], title: str):
     figure = Figure(figsize=(9, 6))
     # Fixed margins, not a layout engine: half the drawing time (a picture is drawn at every checkpoint).
     loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1],
-                                     gridspec_kw={"left": 0.09, "right": 0.97, "top": 0.89, "bottom": 0.09,
+                                     gridspec_kw={"left": 0.1, "right": 0.97, "top": 0.89, "bottom": 0.09,
                                                   "hspace": 0.08})
     steps, losses = _finite(records, "loss")
     if steps:
@@ -108,10 +108,18 @@ def _figure(records: list[dict], title: str):
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("optimizer step")
     lr_ax.grid(True, alpha=0.3)
-    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))  # 0.0002, not a 1e-4 offset
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: short_number(value)))  # not a 1e-4 offset
     last = max([0, *steps, *eval_steps])
     figure.suptitle(f"{title}\nstep {last}" if title else f"step {last}", fontsize=11)
     return figure
+
+
+def short_number(value: float) -> str:
+    """A tick label at most ~6 characters wide (the fixed left margin must hold it): 0.002, 1.5e-4, 5e-5."""
+    if value == 0 or abs(value) >= 1e-3:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 # --- lora-train --plot OUTPUT_DIR --------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ def check_resumable_run(checkpoint: CheckpointInfo, total_steps: int, num_proces
     if total_steps < state.global_step:
         raise UserError(
             f"Cannot resume from {checkpoint.path} (step {state.global_step}): this config trains {total_steps} steps "
-            "in all. Raise train.max_steps or train.epochs; a resumed run may grow, not shrink."
+            "in all, fewer than it has already done. Raise train.max_steps or train.epochs to at least "
+            f"{state.global_step}."
         )
 
 

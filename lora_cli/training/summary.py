@@ -72,12 +72,13 @@ def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = N
             *_evaluations(run),
             ("skipped updates", f"{state.skipped_steps} (non-finite loss or fp16 overflow)")]
     live = run.sink.path.parent
+    folder = stopped_at if stopped_at is not None else result_dir
+    plot = [("plot", str(folder / PLOT_NAME))] if (folder / PLOT_NAME).is_file() else []  # none without matplotlib
     if stopped_at is not None:
-        rows += [("checkpoint", str(stopped_at)), ("plot", str(stopped_at / PLOT_NAME)),
-                 ("live log", str(live / METRICS_NAME))]
+        rows += [("checkpoint", str(stopped_at)), *plot, ("live log", str(live / METRICS_NAME))]
     else:
         rows += [("adapter", str(result_dir)), ("checkpoints", _checkpoints(result_dir, state.run_id)),
-                 ("plot", str(result_dir / PLOT_NAME)), ("metrics", str(result_dir / METRICS_NAME))]
+                 *plot, ("metrics", str(result_dir / METRICS_NAME))]
     if state.samples:
         where = (live if stopped_at is not None else result_dir) / SAMPLES_NAME
         rows.append(("sample answers", f"{where} ({len(state.samples)} answers; answering took "

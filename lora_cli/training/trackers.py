@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 
 INSTALL = {
-    "tensorboard": "pip install 'lora-cli[tensorboard]' (or: pip install tensorboard)",
+    "tensorboard": 'pip install -e ".[tensorboard]" (in a lora-cli checkout) or pip install tensorboard',
     "wandb": "pip install wandb",
 }
 DEFAULT_WANDB_PROJECT = "lora-cli"
