@@ -94,7 +94,13 @@ def _resolve(source, filename: str) -> Path | None:
 
 
 def _checkpoint(source) -> dict[str, SafetensorsFile] | str:
-    """Tensor name -> the safetensors file holding it, or why there is none."""
+    """Tensor name -> the safetensors file holding it, or why there is none. The files are the ones transformers
+    loads: model.safetensors before the index (model_files.WEIGHT_FILE_ORDER), so a folder holding both is merged
+    from the weights the in-memory path and every later from_pretrained would use."""
+    single = _resolve(source, SINGLE_NAME)
+    if single is not None:
+        file = SafetensorsFile(single)
+        return dict.fromkeys(file.keys(), file)
     index = _resolve(source, INDEX_NAME)
     if index is not None:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -107,10 +113,6 @@ def _checkpoint(source) -> dict[str, SafetensorsFile] | str:
         # Each tensor from the shard that holds it, by the shards' own headers: an index that names the wrong shard
         # (hand-edited, or from another save) must not break the merge when the tensors are all there.
         return {key: file for file in files.values() for key in file.keys()}
-    single = _resolve(source, SINGLE_NAME)
-    if single is not None:
-        file = SafetensorsFile(single)
-        return dict.fromkeys(file.keys(), file)
     return "the base has no safetensors weights (a pickle .bin checkpoint)"
 
 
@@ -155,6 +157,8 @@ def plan_streaming(source, adapter_dir: Path, dtype: torch.dtype, shard_bytes: i
                                         trust_remote_code=source.trust_remote_code)
     if getattr(config, "quantization_config", None):
         return "the base is quantized"
+    if getattr(config, "transformers_weights", None):  # from_pretrained loads that file, whatever else is there
+        return f"its config.json names its weights file (transformers_weights: {config.transformers_weights})"
     model = build_meta_model(config, source.trust_remote_code)
     try:
         layout = _saved_layout(model, dtype, shard_bytes)

@@ -49,21 +49,28 @@ def _model_folder(name_or_path: str, revision: str | None) -> Path | None:
         return None
 
 
+# The order in which transformers (5.x, modeling_utils._get_resolved_checkpoint_files) picks a model's weights: a
+# single file before an index, safetensors before pickles. A folder holding both model.safetensors and an index is
+# loaded from model.safetensors alone; reading the index's shards instead would merge other weights.
+WEIGHT_FILE_ORDER = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
 def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """The weight files transformers reads from `folder` (safetensors first, as it does), and missing shards."""
-    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
-                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError, OSError):
-                return [], [f"{index} (not a valid shard index)"]
-            missing = [f"{folder / s} (missing, though {index_name} lists it)" for s in shards
-                       if not (folder / s).is_file()]
-            return [folder / s for s in shards if (folder / s).is_file()], missing
-        if (folder / single).is_file():
-            return [folder / single], []
+    """The weight files transformers reads from `folder` (in its order, WEIGHT_FILE_ORDER), and missing shards."""
+    for name in WEIGHT_FILE_ORDER:
+        if not (folder / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [folder / name], []
+        index = folder / name
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return [], [f"{index} (not a valid shard index)"]
+        missing = [f"{folder / s} (missing, though {name} lists it)" for s in shards
+                   if not (folder / s).is_file()]
+        return [folder / s for s in shards if (folder / s).is_file()], missing
     return [], []
 
 

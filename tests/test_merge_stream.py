@@ -193,3 +193,24 @@ def test_errors_name_the_base_option_and_blame_a_corrupt_base(tiny_model_dir, tm
     result = merge(adapter, tmp_path / "m2", "--base", broken)
     assert_error(result, "q_proj", "base model's weight", "re-download")
     assert not (tmp_path / "m2").exists()
+
+
+def test_a_base_with_both_a_single_file_and_an_index_streams_the_file_transformers_loads(tmp_path):
+    """transformers loads model.safetensors before model.safetensors.index.json: a folder holding both (a re-save
+    beside an older sharded copy) must stream the single file too, not the shards the index names."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny.save_model("llama", tmp_path / "base")
+    both = tmp_path / "both"
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(both, max_shard_size="30KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (both / name).write_bytes((base_dir / name).read_bytes())
+    stored = SafetensorsFile(base_dir / "model.safetensors")
+    save_file({key: (stored.read(key) * 0.5).contiguous() for key in stored.keys()}, both / "model.safetensors",
+              metadata={"format": "pt"})
+    assert (both / "model.safetensors.index.json").is_file()
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", target_modules="all-linear")
+    streamed, in_memory = merge_both_ways(adapter, tmp_path, "--base", str(both))
+    assert_same_folders(streamed, in_memory)
+    key = "model.embed_tokens.weight"
+    assert torch.equal(SafetensorsFile(streamed / "model.safetensors").read(key), stored.read(key) * 0.5)
