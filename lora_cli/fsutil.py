@@ -238,6 +238,14 @@ def check_can_create(folder: Path, what: str) -> None:
             raise UserError(f"Cannot write {what} {folder}: folder {place} is not writable. Choose a writable path.")
 
 
+def follow_link(path: str | Path) -> Path:
+    """An output folder as the folder that gets replaced: `~` expanded, absolute, and a symbolic link followed to its
+    target. Replacing the link itself would put the output on the local disk and drop the link (on Colab, a link to
+    a Drive folder: the result must go to Drive and the link stay a link)."""
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    return out.resolve() if out.is_symlink() else out
+
+
 def is_within(inner: Path, outer: Path) -> bool:
     """Whether `inner` is `outer` or lies inside it (after resolving links)."""
     try:

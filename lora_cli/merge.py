@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import read_adapter_config
 from .errors import ModelNotFound, UserError
-from .fsutil import atomic_dir, check_can_create, is_disk_full, is_within
+from .fsutil import atomic_dir, check_can_create, follow_link, is_disk_full, is_within
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
@@ -152,7 +152,7 @@ def save_merged(
     # which would make every later generate() recompute the whole prefix for each new token.
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
-    out_dir = Path(out_dir)
+    out_dir = follow_link(out_dir)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with _write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
@@ -240,7 +240,7 @@ def merge_adapter(
     """Merge the adapter into its base and write `output_dir`: shard by shard, or in memory where the base needs
     it or `verify_logits` asks for the whole-model logits check."""
     log = log or (lambda message: None)
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    adapter_dir, output_dir = Path(adapter_dir), follow_link(output_dir)  # a link to a Drive folder: write there
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     config = read_adapter_config(adapter_dir)
