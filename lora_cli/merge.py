@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,8 +27,9 @@ import torch
 from torch import nn
 
 from .adapter import read_adapter_config
-from .errors import ModelNotFound, UserError
-from .fsutil import atomic_dir, check_can_create, follow_link, is_disk_full, is_within
+from .errors import ModelNotFound, Terminated, UserError
+from .fsutil import (atomic_dir, check_can_create, exclusive_lock, follow_link, is_disk_full, is_within,
+                     remove_stale_temp_dirs)
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
@@ -255,15 +258,61 @@ def merge_adapter(
     if target_dtype is None:
         target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
     result = MergeResult(output_dir, base, target_dtype)
+    with _output_guarded(output_dir, log):
+        return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
+                      overwrite, log)
+
+
+def _merge(result: MergeResult, source: ModelSource, adapter_dir: Path, adapter_config: dict, named_by_adapter: bool,
+           shard_bytes: int, verify_logits: bool, overwrite: bool, log: Callable[[str], None]) -> MergeResult:
+    base, target_dtype = source.name_or_path, result.dtype
     if not verify_logits:
         with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):  # a missing base fails here
             tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)
         plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
         if isinstance(plan, StreamPlan):
-            return _merge_streaming(plan, tokenizer, result, config.raw, overwrite, log)
+            return _merge_streaming(plan, tokenizer, result, adapter_config, overwrite, log)
         log(f"note: {plan}, so the merge runs in memory (about 4 bytes of RAM per parameter)")
     with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
-        return _merge_in_memory(source, adapter_dir, result, config.raw, shard_bytes, verify_logits, overwrite, log)
+        return _merge_in_memory(source, adapter_dir, result, adapter_config, shard_bytes, verify_logits, overwrite,
+                                log)
+
+
+@contextlib.contextmanager
+def _output_guarded(output_dir: Path, log: Callable[[str], None]):
+    """While merging into `output_dir`: no other lora-merge (or lora-train) writes it, the temporary folders a
+    killed merge left beside it are removed, and SIGTERM unwinds like Ctrl-C, so atomic_dir removes this merge's own
+    partial folder (an 8B merge leaves 16 GB). A lock rather than "remove temps whose owner is dead": atomic_dir's
+    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too."""
+    busy = (f"Output folder {output_dir} is being written by another lora-merge or lora-train (its lock "
+            f"{output_dir.parent / ('.' + output_dir.name + '.lock')} is held). Wait for it to finish, or choose "
+            "another output folder.")
+    with exclusive_lock(output_dir, busy) as locked, _sigterm_unwinds():
+        if locked:
+            for leftover in remove_stale_temp_dirs(output_dir):
+                log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (Colab/Kaggle ending a session, `kill`, a job scheduler) raises Terminated, Ctrl-C's path. Only where
+    nobody else handles SIGTERM (lora-train's merge_at_end runs under its own handler) and only in the main thread
+    (the only one that can set handlers). A repeated SIGTERM is ignored so that the cleanup itself finishes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
