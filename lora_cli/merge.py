@@ -2,11 +2,11 @@
 
 By default the merge streams (merge_stream.py): the base's safetensors shards are read one tensor at a time, each
 targeted weight is merged in fp32, checked against W + scaling * B A and written, so RAM holds about one tensor
-(plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints, quantized
-bases) and `--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM
-per parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
+(plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints) and
+`--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM per
+parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
 folds its update into its weight in place (`LoraLinear.merge`), the logits are compared again, and the model is
-cast once and saved. Both write the same folder, atomically.
+cast once and saved. Both write the same folder, atomically. A quantized base is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ def merge_adapter(
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     check_output_dir(output_dir, overwrite, protected)
+    _refuse_quantized_base(source, adapter_dir, output_dir)
     if target_dtype is None:
         target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
     result = MergeResult(output_dir, base, target_dtype)
@@ -276,6 +277,34 @@ def _merge(result: MergeResult, source: ModelSource, adapter_dir: Path, adapter_
     with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
         return _merge_in_memory(source, adapter_dir, result, adapter_config, shard_bytes, verify_logits, overwrite,
                                 log)
+
+
+def _refuse_quantized_base(source: ModelSource, adapter_dir: Path, output_dir: Path) -> None:
+    """A pre-quantized base (bitsandbytes, GPTQ, AWQ...: config.json has quantization_config) is refused before
+    anything loads: its weights are rounded to a few bits, and the merged model lora-merge writes is full precision,
+    made from the unquantized weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
+                                            trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError, KeyError):  # loading it later says what is wrong
+        return
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else {}
+    method = quantization.get("quant_method", "unknown")
+    bits = " 4-bit" if quantization.get("load_in_4bit") else " 8-bit" if quantization.get("load_in_8bit") else ""
+    raise UserError(
+        f"The base model '{source.name_or_path}' is quantized ({method}{bits}: its config.json has "
+        "quantization_config), and an adapter cannot be merged into quantized weights: lora-merge writes a "
+        "full-precision model made from the unquantized base. Merge into the unquantized model this one was made "
+        f"from: lora-merge {adapter_dir} {output_dir} --base UNQUANTIZED_BASE (its Hub name or folder). To run the "
+        f"adapter on the quantized base instead, leave it unmerged: lora-generate {source.name_or_path} --adapter "
+        f"{adapter_dir}."
+    )
 
 
 @contextlib.contextmanager

@@ -334,3 +334,25 @@ def test_fp16_overflow_is_refused_even_without_verify(tiny_model_dir, tmp_path):
         result = merge(adapter, tmp_path / "merged", "--dtype", "float16", flag)
         assert_error(result, "bfloat16")
         assert not (tmp_path / "merged").exists()
+
+
+def test_a_quantized_base_is_refused_before_loading_and_names_base(tiny_model_dir, tmp_path, monkeypatch):
+    """A pre-quantized base (config.json with quantization_config, as save_pretrained writes after a bitsandbytes
+    load) cannot be merged into: refused before the model loads, advising --base with the unquantized model."""
+    base_dir = tmp_path / "base_q4"
+    shutil.copytree(tiny_model_dir("llama"), base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                     "bnb_4bit_quant_type": "nf4"}
+    (base_dir / "config.json").write_text(json.dumps(config))
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantized base must be refused before the model loads")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    result = merge(adapter, tmp_path / "merged", "--base", base_dir)
+
+    assert_error(result, "is quantized (bitsandbytes 4-bit", f"lora-merge {adapter} {tmp_path / 'merged'} --base "
+                 "UNQUANTIZED_BASE")
+    assert not (tmp_path / "merged").exists()
