@@ -34,6 +34,7 @@ from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
+from .model_files import weights_dtype
 from .models import check_source, load_tokenizer, parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
@@ -257,7 +258,10 @@ def merge_adapter(
     check_output_dir(output_dir, overwrite, protected)
     _refuse_quantized_base(source, adapter_dir, output_dir)
     if target_dtype is None:
-        target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
+        # config.json's dtype, else the stored weights' own (a config without `dtype` is common in hand-made or
+        # older bf16 checkpoints; float32 would double their size)
+        target_dtype = (stored_dtype(base, source.revision, source.trust_remote_code)
+                        or weights_dtype(base, source.revision) or torch.float32)
     result = MergeResult(output_dir, base, target_dtype)
     with _output_guarded(output_dir, log):
         return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,

@@ -356,3 +356,22 @@ def test_a_quantized_base_is_refused_before_loading_and_names_base(tiny_model_di
     assert_error(result, "is quantized (bitsandbytes 4-bit", f"lora-merge {adapter} {tmp_path / 'merged'} --base "
                  "UNQUANTIZED_BASE")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["streamed", "in memory"])
+def test_default_dtype_is_the_stored_weights_when_config_json_does_not_say(tmp_path, verify):
+    base_dir = tmp_path / "base_bf16_no_dtype"
+    tiny.make_model("llama").to(torch.bfloat16).save_pretrained(base_dir)
+    tiny.make_tokenizer().save_pretrained(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (base_dir / "config.json").write_text(json.dumps(config))
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter")
+
+    result = merge(adapter, tmp_path / "merged", *(["--verify-logits"] if verify else []))
+
+    assert result.exit_code == 0, result.output
+    assert "(bfloat16)" in result.output
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
