@@ -233,11 +233,28 @@ def _check_field_types(raw: dict, path: Path) -> None:
     `"lora_alpha": "sixteen"` is named here, not met later as a Python error."""
     problems = [f"{key} must be {expected} (got {json.dumps(raw[key])})"
                 for key, (check, expected) in _FIELD_TYPES.items() if raw.get(key) is not None and not check(raw[key])]
+    problems += _bad_pattern_keys(raw)
     if problems:
         raise UserError(
             f"{path} has {len(problems)} invalid field{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}. "
             "Correct the file, or re-save the adapter with the tool that trained it."
         )
+
+
+def _bad_pattern_keys(raw: dict) -> list[str]:
+    """rank_pattern/alpha_pattern keys are regular expressions (PEFT matches them against the end of each module
+    path, as inject.pattern_value does): one that does not compile is named, not met later as re.error."""
+    problems = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = raw.get(field)
+        for key in patterns if isinstance(patterns, dict) else ():
+            try:
+                re.compile(key)  # first alone, so that the error's position is the key's own
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                problems.append(f"{field} key {json.dumps(key)} is not a valid regular expression ({err}); use a "
+                                'module name such as "q_proj" or a valid regex')
+    return problems
 
 
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -264,17 +281,22 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# What LoRA weights are saved in (float64 too: a hand-made adapter, harmless); float8 cannot even be checked for NaN.
+_LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
     def listing(names: list[str]) -> str:
         shown = ", ".join(names[:_MAX_LISTED])
         return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
     not_float = [f"{key} ({str(tensor.dtype).removeprefix('torch.')})" for key, tensor in tensors.items()
-                 if not tensor.is_floating_point()]
+                 if tensor.dtype not in _LORA_DTYPES]
     if not_float:
         raise UserError(
-            f"{path} holds {len(not_float)} tensors that are not floating point: {listing(not_float)}. LoRA weights "
-            "are float32, float16 or bfloat16; the file is damaged or not a LoRA adapter. Re-save the adapter."
+            f"{path} holds {len(not_float)} tensors that are not float32, float16 or bfloat16: {listing(not_float)}. "
+            "LoRA weights are stored in one of those (float8 or integer tensors are a damaged file, or a "
+            "quantized export lora-cli cannot read). Re-save the adapter in float32, float16 or bfloat16."
         )
     non_finite = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if non_finite:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -62,6 +63,9 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+_LARGEST_SHARD = 2**63 - 1  # safetensors' offsets are 64-bit
+
+
 def parse_size(size: str | int) -> int:
     """'2GB', '500MB', '200KB', '1GiB' or a byte count -> bytes (transformers' units: 1GB = 10^9 bytes)."""
     if isinstance(size, int):
@@ -70,7 +74,10 @@ def parse_size(size: str | int) -> int:
         match = _SIZE.match(str(size))
         if not match:
             raise UserError(f"--max-shard-size '{size}' is not a size; write it like 2GB, 500MB or 200KB.")
-        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+        number = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]  # inf for 400 nines
+        if not math.isfinite(number) or number > _LARGEST_SHARD:  # int(inf) raises OverflowError
+            raise UserError(f"--max-shard-size '{size}' is larger than any disk; write it like 2GB, 500MB or 200KB.")
+        value = int(number)
     if value <= 0:
         raise UserError(f"--max-shard-size must be positive, got {size!r}.")
     return value

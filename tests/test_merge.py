@@ -275,7 +275,8 @@ def _drop_base_name(adapter: Path) -> None:
 @pytest.mark.parametrize(
     "case",
     ["missing-adapter", "not-an-adapter", "corrupt-safetensors", "llama-adapter-on-gpt2", "no-base-name",
-     "base-missing", "output-under-a-file", "output-is-adapter", "bad-dtype", "bad-shard-size"],
+     "base-missing", "output-under-a-file", "output-is-adapter", "bad-dtype", "bad-shard-size", "huge-shard-size",
+     "rank-pattern-bad-regex", "alpha-pattern-bad-regex", "float8-tensor"],
 )
 def test_bad_input_exits_2(tiny_model_dir, tmp_path, case):
     adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
@@ -302,6 +303,22 @@ def test_bad_input_exits_2(tiny_model_dir, tmp_path, case):
         out, extra, expected = adapter, ["--overwrite"], ("which the merge reads from",)
     elif case == "bad-dtype":
         extra, expected = ["--dtype", "float8"], ("Unknown dtype", "bfloat16")
+    elif case == "huge-shard-size":
+        extra, expected = ["--max-shard-size", "9" * 400 + "GB"], ("--max-shard-size", "larger than any disk")
+    elif case.endswith("-pattern-bad-regex"):
+        field = case.split("-")[0] + "_pattern"
+        config = json.loads((adapter / CONFIG_NAME).read_text())
+        config[field] = {"(": 4}
+        (adapter / CONFIG_NAME).write_text(json.dumps(config))
+        expected = (str(adapter / CONFIG_NAME), f'{field} key "(" is not a valid regular expression')
+    elif case == "float8-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(adapter / WEIGHTS_NAME)
+        key = next(k for k in tensors if "lora_A" in k)
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        save_file(tensors, adapter / WEIGHTS_NAME)
+        expected = (str(adapter / WEIGHTS_NAME), f"{key} (float8_e4m3fn)", "not float32, float16 or bfloat16")
     else:
         extra, expected = ["--max-shard-size", "two gigs"], ("--max-shard-size",)
     before = sorted(p.name for p in tmp_path.iterdir())
