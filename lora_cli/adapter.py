@@ -349,6 +349,47 @@ def _without_excluded(paths: list[str], exclude, config_path: Path) -> list[str]
     return kept
 
 
+BASE_LAYER = ".base_layer."
+
+
+def base_layer_copies(model: nn.Module, tensors: dict[str, torch.Tensor], paths: list[str], where: Path) -> set[str]:
+    """The adapter's full copies of a targeted layer's own weights (`base_model.model.lm_head.base_layer.weight`).
+
+    PEFT writes them when target_modules names lm_head or embed_tokens (save_embedding_layers="auto", its default),
+    and PEFT's loader puts them in place of the base's weights. A copy equal to the base's weight changes nothing
+    and is ignored; one that differs means a modified head, which a LoRA merge cannot reproduce: refused. On the
+    meta-device model (the streamed merge) the values are compared as each weight is read (merge_stream)."""
+    copies, targeted = set(), set(paths)
+    for key, tensor in tensors.items():
+        path, _, param = key[len(PREFIX):].rpartition(BASE_LAYER)
+        if not key.startswith(PREFIX) or path not in targeted or param != "weight":
+            continue
+        base = getattr(model.get_submodule(path), param, None)
+        if not isinstance(base, torch.Tensor) or tuple(base.shape) != tuple(tensor.shape):
+            continue  # reported as unexpected
+        if base.is_floating_point() and not base.is_meta and not same_values(base.detach(), tensor):
+            raise modified_copy_error(key, where)
+        copies.add(key)
+    return copies
+
+
+def same_values(base: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Equal up to the rounding of the one dtype into the other (a bf16 base copied by a model loaded in fp32, or
+    an fp32 base copied by a bf16 model)."""
+    return torch.equal(copy.to(base.dtype), base) or torch.equal(base.to(copy.dtype), copy)
+
+
+def modified_copy_error(key: str, where: Path) -> UserError:
+    return UserError(
+        f"The adapter {where} holds {key}, a full copy of the base model's weight, and it differs from the base's "
+        "own. PEFT saves such copies (save_embedding_layers, \"auto\" when target_modules names lm_head or "
+        "embed_tokens) and its loader puts them in place of the base's weights, so this adapter comes with a modified "
+        "output head or embedding, or was saved from another base. lora-cli applies LoRA updates only. Use the base "
+        "the adapter was trained on (--base), or, if that layer was not meant to change, re-save the adapter with "
+        "save_pretrained(..., save_embedding_layers=False)."
+    )
+
+
 def load_adapter(
     model: nn.Module, adapter_dir: str | Path, tensors: dict[str, torch.Tensor] | None = None
 ) -> tuple[AdapterConfig, InjectionReport]:
@@ -372,8 +413,9 @@ def load_adapter(
             problems.append(f"missing {key} (expected shape {list(shape)})")
         elif tuple(tensors[key].shape) != shape:
             problems.append(f"{key}: expected shape {list(shape)}, found {list(tensors[key].shape)}")
+    copies = base_layer_copies(model, tensors, paths, where)
     for key in tensors:
-        if key not in expected:
+        if key not in expected and key not in copies:
             problems.append(f"unexpected {key} (shape {list(tensors[key].shape)}): no such LoRA module in this base")
     if problems:
         listing = "\n  - ".join(problems[:20]) + (f"\n  - ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -383,7 +425,7 @@ def load_adapter(
             f"{config.base_model_name_or_path!r})."
         )
     report = apply_lora(model, settings, paths=paths)
-    state = {key[len(PREFIX):]: tensor for key, tensor in tensors.items()}
+    state = {key[len(PREFIX):]: tensor for key, tensor in tensors.items() if key not in copies}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:

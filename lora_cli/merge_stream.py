@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import PREFIX, normalise_key, load_adapter, read_adapter_tensors
+from .adapter import BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key, read_adapter_tensors, \
+    same_values
 from .errors import UserError
 from .inject import lora_layers
 from .lora import merged_weight
@@ -46,6 +47,8 @@ class _Target:
     scaling: float
     fan_in_fan_out: bool
     magnitude: torch.Tensor | None
+    base_copy: tuple[str, torch.Tensor] | None = None  # PEFT's full copy of this weight (lm_head): must equal it
+    adapter_file: Path | None = None
 
 
 @dataclass
@@ -184,9 +187,11 @@ def _targets(model, adapter_dir: Path) -> dict[str, _Target]:
     targets = {}
     for path, layer in lora_layers(model).items():
         magnitude = tensors[f"{PREFIX}{path}.lora_magnitude_vector"] if layer.use_dora else None
+        copy_key = f"{PREFIX}{path}{BASE_LAYER}weight"
+        copy = (copy_key, tensors[copy_key]) if copy_key in tensors else None
         targets[f"{path}.weight"] = _Target(tensors[f"{PREFIX}{path}.lora_A.weight"],
                                             tensors[f"{PREFIX}{path}.lora_B.weight"], layer.scaling,
-                                            layer.fan_in_fan_out, magnitude)
+                                            layer.fan_in_fan_out, magnitude, copy, adapter_dir / WEIGHTS_NAME)
     return targets
 
 
@@ -230,6 +235,8 @@ def _produce(plan: StreamPlan, key: str) -> torch.Tensor:
     if target is None:
         out = stored.to(dtype)
     else:
+        if target.base_copy is not None and not same_values(stored, target.base_copy[1]):
+            raise modified_copy_error(target.base_copy[0], target.adapter_file)
         if stored.is_floating_point():  # a NaN already in the base is the base's fault, not the adapter's
             _check_finite(key, stored, "the base model's weight holds", "The base model's files are corrupt: "
                           "re-download them.")
