@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key, read_adapter_tensors, \
-    same_values
+from .adapter import (BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key,
+                      read_adapter_tensors, same_values)
 from .errors import UserError
 from .inject import lora_layers
 from .lora import merged_weight

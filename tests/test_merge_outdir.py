@@ -61,7 +61,8 @@ merge_app()
 
 
 def start_slow_merge(adapter: Path, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    repo = str(Path(__file__).parents[1])  # this checkout's lora_cli, whatever is installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(adapter), str(out), "--max-shard-size", "30KB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
