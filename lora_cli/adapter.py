@@ -233,11 +233,28 @@ def _check_field_types(raw: dict, path: Path) -> None:
     `"lora_alpha": "sixteen"` is named here, not met later as a Python error."""
     problems = [f"{key} must be {expected} (got {json.dumps(raw[key])})"
                 for key, (check, expected) in _FIELD_TYPES.items() if raw.get(key) is not None and not check(raw[key])]
+    problems += _bad_pattern_keys(raw)
     if problems:
         raise UserError(
             f"{path} has {len(problems)} invalid field{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}. "
             "Correct the file, or re-save the adapter with the tool that trained it."
         )
+
+
+def _bad_pattern_keys(raw: dict) -> list[str]:
+    """rank_pattern/alpha_pattern keys are regular expressions (PEFT matches them against the end of each module
+    path, as inject.pattern_value does): one that does not compile is named, not met later as re.error."""
+    problems = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = raw.get(field)
+        for key in patterns if isinstance(patterns, dict) else ():
+            try:
+                re.compile(key)  # first alone, so that the error's position is the key's own
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                problems.append(f"{field} key {json.dumps(key)} is not a valid regular expression ({err}); use a "
+                                'module name such as "q_proj" or a valid regex')
+    return problems
 
 
 def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -264,17 +281,22 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# What LoRA weights are saved in (float64 too: a hand-made adapter, harmless); float8 cannot even be checked for NaN.
+_LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
     def listing(names: list[str]) -> str:
         shown = ", ".join(names[:_MAX_LISTED])
         return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
     not_float = [f"{key} ({str(tensor.dtype).removeprefix('torch.')})" for key, tensor in tensors.items()
-                 if not tensor.is_floating_point()]
+                 if tensor.dtype not in _LORA_DTYPES]
     if not_float:
         raise UserError(
-            f"{path} holds {len(not_float)} tensors that are not floating point: {listing(not_float)}. LoRA weights "
-            "are float32, float16 or bfloat16; the file is damaged or not a LoRA adapter. Re-save the adapter."
+            f"{path} holds {len(not_float)} tensors that are not float32, float16 or bfloat16: {listing(not_float)}. "
+            "LoRA weights are stored in one of those (float8 or integer tensors are a damaged file, or a "
+            "quantized export lora-cli cannot read). Re-save the adapter in float32, float16 or bfloat16."
         )
     non_finite = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if non_finite:
@@ -327,6 +349,47 @@ def _without_excluded(paths: list[str], exclude, config_path: Path) -> list[str]
     return kept
 
 
+BASE_LAYER = ".base_layer."
+
+
+def base_layer_copies(model: nn.Module, tensors: dict[str, torch.Tensor], paths: list[str], where: Path) -> set[str]:
+    """The adapter's full copies of a targeted layer's own weights (`base_model.model.lm_head.base_layer.weight`).
+
+    PEFT writes them when target_modules names lm_head or embed_tokens (save_embedding_layers="auto", its default),
+    and PEFT's loader puts them in place of the base's weights. A copy equal to the base's weight changes nothing
+    and is ignored; one that differs means a modified head, which a LoRA merge cannot reproduce: refused. On the
+    meta-device model (the streamed merge) the values are compared as each weight is read (merge_stream)."""
+    copies, targeted = set(), set(paths)
+    for key, tensor in tensors.items():
+        path, _, param = key[len(PREFIX):].rpartition(BASE_LAYER)
+        if not key.startswith(PREFIX) or path not in targeted or param != "weight":
+            continue
+        base = getattr(model.get_submodule(path), param, None)
+        if not isinstance(base, torch.Tensor) or tuple(base.shape) != tuple(tensor.shape):
+            continue  # reported as unexpected
+        if base.is_floating_point() and not base.is_meta and not same_values(base.detach(), tensor):
+            raise modified_copy_error(key, where)
+        copies.add(key)
+    return copies
+
+
+def same_values(base: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Equal up to the rounding of the one dtype into the other (a bf16 base copied by a model loaded in fp32, or
+    an fp32 base copied by a bf16 model)."""
+    return torch.equal(copy.to(base.dtype), base) or torch.equal(base.to(copy.dtype), copy)
+
+
+def modified_copy_error(key: str, where: Path) -> UserError:
+    return UserError(
+        f"The adapter {where} holds {key}, a full copy of the base model's weight, and it differs from the base's "
+        "own. PEFT saves such copies (save_embedding_layers, \"auto\" when target_modules names lm_head or "
+        "embed_tokens) and its loader puts them in place of the base's weights, so this adapter comes with a modified "
+        "output head or embedding, or was saved from another base. lora-cli applies LoRA updates only. Use the base "
+        "the adapter was trained on (--base), or, if that layer was not meant to change, re-save the adapter with "
+        "save_pretrained(..., save_embedding_layers=False)."
+    )
+
+
 def load_adapter(
     model: nn.Module, adapter_dir: str | Path, tensors: dict[str, torch.Tensor] | None = None
 ) -> tuple[AdapterConfig, InjectionReport]:
@@ -350,8 +413,9 @@ def load_adapter(
             problems.append(f"missing {key} (expected shape {list(shape)})")
         elif tuple(tensors[key].shape) != shape:
             problems.append(f"{key}: expected shape {list(shape)}, found {list(tensors[key].shape)}")
+    copies = base_layer_copies(model, tensors, paths, where)
     for key in tensors:
-        if key not in expected:
+        if key not in expected and key not in copies:
             problems.append(f"unexpected {key} (shape {list(tensors[key].shape)}): no such LoRA module in this base")
     if problems:
         listing = "\n  - ".join(problems[:20]) + (f"\n  - ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -361,7 +425,7 @@ def load_adapter(
             f"{config.base_model_name_or_path!r})."
         )
     report = apply_lora(model, settings, paths=paths)
-    state = {key[len(PREFIX):]: tensor for key, tensor in tensors.items()}
+    state = {key[len(PREFIX):]: tensor for key, tensor in tensors.items() if key not in copies}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import UserError
+from .errors import Terminated, UserError
 
 # Messages and paths are user text: print them as rich Text (or markup=False), never as markup, where
 # "[q_proj, v_proj]" would vanish and a path holding "[/x]" would crash the printer itself.
@@ -57,9 +57,10 @@ def handle_errors(func):
                 traceback.print_exc()
             err_console.print(Text.assemble(("error:", "bold red"), " ", str(err)), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated)
+            err_console.print("[yellow]terminated[/yellow]" if terminated else "[yellow]interrupted[/yellow]")
+            raise typer.Exit(143 if terminated else 130) from None
 
     return wrapper
 

@@ -23,3 +23,8 @@ class TrainingStopped(Exception):
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.finished = finished  # the signal came during the final save, which completed: nothing to resume
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a write that must not be left half done (lora-merge): raised like Ctrl-C's KeyboardInterrupt,
+    so the same cleanup runs (the partial output folder is removed). The CLI exits with 143 (128 + SIGTERM)."""

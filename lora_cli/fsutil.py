@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -93,6 +94,70 @@ def make_temp_dir(path: Path, tag: str = "") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=temp_name(path) + tag, suffix=TMP_SUFFIX, dir=path.parent))
     os.chmod(tmp, dir_mode())
     return tmp
+
+
+# tempfile.mkdtemp's random part (tempfile._RandomNameSequence): 8 of these characters. atomic_dir(path) names its
+# temporary folder `.NAME.<random>.tmp`; lora-train's own temporaries beside its output_dir carry a tag
+# (`.NAME.publish-<random>.tmp`, `.NAME.ready`) and never match this.
+_ATOMIC_DIR_TEMP = "[a-z0-9_]{8}" + re.escape(TMP_SUFFIX)
+
+
+def remove_stale_temp_dirs(path: Path) -> list[Path]:
+    """Remove what atomic_dir(path) leaves when its process is killed (SIGKILL, a power cut): its hidden temporary
+    folders beside `path`, only under the exact names it makes. Call it only while holding `exclusive_lock(path)`,
+    so that no live writer's folder is among them. After a kill between replace_dir's two renames `path` is gone
+    and its previous, complete contents wait as `.NAME.replaced.old`: they are put back (the new folder cannot be
+    told apart from a partial one). Returns the folders removed."""
+    old = path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX)
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    removed = [old] if old.is_dir() else []
+    pattern = re.compile(re.escape(temp_name(path)) + _ATOMIC_DIR_TEMP)
+    if path.parent.is_dir():
+        removed += [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[bool]:
+    """Hold an exclusive lock on writing `path` (the file `.NAME.lock` beside it, the name lora-train locks its
+    output_dir with, so the two commands never write one folder at once). The kernel drops the lock when the process
+    ends, also by SIGKILL, so leftovers found while holding it are surely a dead writer's. Yields False where it
+    could not lock (no such folder yet, or a filesystem without locks): then no one may remove anything. A second
+    holder gets UserError(busy). The lock file is removed again on release."""
+    import fcntl
+
+    lock_path = path.with_name(temp_name(path) + "lock")
+    if not lock_path.parent.is_dir():
+        yield False
+        return
+    while True:
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(busy) from None
+        except OSError:  # some network/FUSE mounts: no locks
+            handle.close()
+            yield False
+            return
+        # A holder that just released it also unlinked it: a lock taken on that old file guards nothing.
+        with contextlib.suppress(OSError):
+            if os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino:
+                break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        handle.close()
 
 
 # --- swapping folders ------------------------------------------------------------------------------------------
@@ -236,6 +301,14 @@ def check_can_create(folder: Path, what: str) -> None:
     for place in (ancestor, folder) if folder.is_dir() else (ancestor,):
         if not os.access(place, os.W_OK | os.X_OK):
             raise UserError(f"Cannot write {what} {folder}: folder {place} is not writable. Choose a writable path.")
+
+
+def follow_link(path: str | Path) -> Path:
+    """An output folder as the folder that gets replaced: `~` expanded, absolute, and a symbolic link followed to its
+    target. Replacing the link itself would put the output on the local disk and drop the link (on Colab, a link to
+    a Drive folder: the result must go to Drive and the link stay a link)."""
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    return out.resolve() if out.is_symlink() else out
 
 
 def is_within(inner: Path, outer: Path) -> bool:

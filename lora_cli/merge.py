@@ -2,11 +2,11 @@
 
 By default the merge streams (merge_stream.py): the base's safetensors shards are read one tensor at a time, each
 targeted weight is merged in fp32, checked against W + scaling * B A and written, so RAM holds about one tensor
-(plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints, quantized
-bases) and `--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM
-per parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
+(plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints) and
+`--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM per
+parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
 folds its update into its weight in place (`LoraLinear.merge`), the logits are compared again, and the model is
-cast once and saved. Both write the same folder, atomically.
+cast once and saved. Both write the same folder, atomically. A quantized base is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,12 +28,14 @@ import torch
 from torch import nn
 
 from .adapter import read_adapter_config
-from .errors import ModelNotFound, UserError
-from .fsutil import atomic_dir, check_can_create, is_disk_full, is_within
+from .errors import ModelNotFound, Terminated, UserError
+from .fsutil import (atomic_dir, check_can_create, exclusive_lock, follow_link, is_disk_full, is_within,
+                     remove_stale_temp_dirs)
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
+from .model_files import weights_dtype
 from .models import check_source, load_tokenizer, parse_dtype, stored_dtype
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
@@ -58,6 +63,9 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+_LARGEST_SHARD = 2**63 - 1  # safetensors' offsets are 64-bit
+
+
 def parse_size(size: str | int) -> int:
     """'2GB', '500MB', '200KB', '1GiB' or a byte count -> bytes (transformers' units: 1GB = 10^9 bytes)."""
     if isinstance(size, int):
@@ -66,7 +74,10 @@ def parse_size(size: str | int) -> int:
         match = _SIZE.match(str(size))
         if not match:
             raise UserError(f"--max-shard-size '{size}' is not a size; write it like 2GB, 500MB or 200KB.")
-        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+        number = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]  # inf for 400 nines
+        if not math.isfinite(number) or number > _LARGEST_SHARD:  # int(inf) raises OverflowError
+            raise UserError(f"--max-shard-size '{size}' is larger than any disk; write it like 2GB, 500MB or 200KB.")
+        value = int(number)
     if value <= 0:
         raise UserError(f"--max-shard-size must be positive, got {size!r}.")
     return value
@@ -152,7 +163,7 @@ def save_merged(
     # which would make every later generate() recompute the whole prefix for each new token.
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
-    out_dir = Path(out_dir)
+    out_dir = follow_link(out_dir)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with _write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
@@ -240,7 +251,7 @@ def merge_adapter(
     """Merge the adapter into its base and write `output_dir`: shard by shard, or in memory where the base needs
     it or `verify_logits` asks for the whole-model logits check."""
     log = log or (lambda message: None)
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    adapter_dir, output_dir = Path(adapter_dir), follow_link(output_dir)  # a link to a Drive folder: write there
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     config = read_adapter_config(adapter_dir)
@@ -252,18 +263,96 @@ def merge_adapter(
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     check_output_dir(output_dir, overwrite, protected)
+    _refuse_quantized_base(source, adapter_dir, output_dir)
     if target_dtype is None:
-        target_dtype = stored_dtype(base, source.revision, source.trust_remote_code) or torch.float32
+        # config.json's dtype, else the stored weights' own (a config without `dtype` is common in hand-made or
+        # older bf16 checkpoints; float32 would double their size)
+        target_dtype = (stored_dtype(base, source.revision, source.trust_remote_code)
+                        or weights_dtype(base, source.revision) or torch.float32)
     result = MergeResult(output_dir, base, target_dtype)
+    with _output_guarded(output_dir, log):
+        return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
+                      overwrite, log)
+
+
+def _merge(result: MergeResult, source: ModelSource, adapter_dir: Path, adapter_config: dict, named_by_adapter: bool,
+           shard_bytes: int, verify_logits: bool, overwrite: bool, log: Callable[[str], None]) -> MergeResult:
+    base, target_dtype = source.name_or_path, result.dtype
     if not verify_logits:
         with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):  # a missing base fails here
             tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)
         plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
         if isinstance(plan, StreamPlan):
-            return _merge_streaming(plan, tokenizer, result, config.raw, overwrite, log)
+            return _merge_streaming(plan, tokenizer, result, adapter_config, overwrite, log)
         log(f"note: {plan}, so the merge runs in memory (about 4 bytes of RAM per parameter)")
     with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
-        return _merge_in_memory(source, adapter_dir, result, config.raw, shard_bytes, verify_logits, overwrite, log)
+        return _merge_in_memory(source, adapter_dir, result, adapter_config, shard_bytes, verify_logits, overwrite,
+                                log)
+
+
+def _refuse_quantized_base(source: ModelSource, adapter_dir: Path, output_dir: Path) -> None:
+    """A pre-quantized base (bitsandbytes, GPTQ, AWQ...: config.json has quantization_config) is refused before
+    anything loads: its weights are rounded to a few bits, and the merged model lora-merge writes is full precision,
+    made from the unquantized weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
+                                            trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError, KeyError):  # loading it later says what is wrong
+        return
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else {}
+    method = quantization.get("quant_method", "unknown")
+    bits = " 4-bit" if quantization.get("load_in_4bit") else " 8-bit" if quantization.get("load_in_8bit") else ""
+    raise UserError(
+        f"The base model '{source.name_or_path}' is quantized ({method}{bits}: its config.json has "
+        "quantization_config), and an adapter cannot be merged into quantized weights: lora-merge writes a "
+        "full-precision model made from the unquantized base. Merge into the unquantized model this one was made "
+        f"from: lora-merge {adapter_dir} {output_dir} --base UNQUANTIZED_BASE (its Hub name or folder). To run the "
+        f"adapter on the quantized base instead, leave it unmerged: lora-generate {source.name_or_path} --adapter "
+        f"{adapter_dir}."
+    )
+
+
+@contextlib.contextmanager
+def _output_guarded(output_dir: Path, log: Callable[[str], None]):
+    """While merging into `output_dir`: no other lora-merge (or lora-train) writes it, the temporary folders a
+    killed merge left beside it are removed, and SIGTERM unwinds like Ctrl-C, so atomic_dir removes this merge's own
+    partial folder (an 8B merge leaves 16 GB). A lock rather than "remove temps whose owner is dead": atomic_dir's
+    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too."""
+    busy = (f"Output folder {output_dir} is being written by another lora-merge or lora-train (its lock "
+            f"{output_dir.parent / ('.' + output_dir.name + '.lock')} is held). Wait for it to finish, or choose "
+            "another output folder.")
+    with exclusive_lock(output_dir, busy) as locked, _sigterm_unwinds():
+        if locked:
+            for leftover in remove_stale_temp_dirs(output_dir):
+                log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (Colab/Kaggle ending a session, `kill`, a job scheduler) raises Terminated, Ctrl-C's path. Only where
+    nobody else handles SIGTERM (lora-train's merge_at_end runs under its own handler) and only in the main thread
+    (the only one that can set handlers). A repeated SIGTERM is ignored so that the cleanup itself finishes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

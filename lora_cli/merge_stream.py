@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import PREFIX, normalise_key, load_adapter, read_adapter_tensors
+from .adapter import (BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key,
+                      read_adapter_tensors, same_values)
 from .errors import UserError
 from .inject import lora_layers
 from .lora import merged_weight
@@ -46,6 +47,8 @@ class _Target:
     scaling: float
     fan_in_fan_out: bool
     magnitude: torch.Tensor | None
+    base_copy: tuple[str, torch.Tensor] | None = None  # PEFT's full copy of this weight (lm_head): must equal it
+    adapter_file: Path | None = None
 
 
 @dataclass
@@ -94,7 +97,13 @@ def _resolve(source, filename: str) -> Path | None:
 
 
 def _checkpoint(source) -> dict[str, SafetensorsFile] | str:
-    """Tensor name -> the safetensors file holding it, or why there is none."""
+    """Tensor name -> the safetensors file holding it, or why there is none. The files are the ones transformers
+    loads: model.safetensors before the index (model_files.WEIGHT_FILE_ORDER), so a folder holding both is merged
+    from the weights the in-memory path and every later from_pretrained would use."""
+    single = _resolve(source, SINGLE_NAME)
+    if single is not None:
+        file = SafetensorsFile(single)
+        return dict.fromkeys(file.keys(), file)
     index = _resolve(source, INDEX_NAME)
     if index is not None:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -107,10 +116,6 @@ def _checkpoint(source) -> dict[str, SafetensorsFile] | str:
         # Each tensor from the shard that holds it, by the shards' own headers: an index that names the wrong shard
         # (hand-edited, or from another save) must not break the merge when the tensors are all there.
         return {key: file for file in files.values() for key in file.keys()}
-    single = _resolve(source, SINGLE_NAME)
-    if single is not None:
-        file = SafetensorsFile(single)
-        return dict.fromkeys(file.keys(), file)
     return "the base has no safetensors weights (a pickle .bin checkpoint)"
 
 
@@ -155,6 +160,8 @@ def plan_streaming(source, adapter_dir: Path, dtype: torch.dtype, shard_bytes: i
                                         trust_remote_code=source.trust_remote_code)
     if getattr(config, "quantization_config", None):
         return "the base is quantized"
+    if getattr(config, "transformers_weights", None):  # from_pretrained loads that file, whatever else is there
+        return f"its config.json names its weights file (transformers_weights: {config.transformers_weights})"
     model = build_meta_model(config, source.trust_remote_code)
     try:
         layout = _saved_layout(model, dtype, shard_bytes)
@@ -180,9 +187,11 @@ def _targets(model, adapter_dir: Path) -> dict[str, _Target]:
     targets = {}
     for path, layer in lora_layers(model).items():
         magnitude = tensors[f"{PREFIX}{path}.lora_magnitude_vector"] if layer.use_dora else None
+        copy_key = f"{PREFIX}{path}{BASE_LAYER}weight"
+        copy = (copy_key, tensors[copy_key]) if copy_key in tensors else None
         targets[f"{path}.weight"] = _Target(tensors[f"{PREFIX}{path}.lora_A.weight"],
                                             tensors[f"{PREFIX}{path}.lora_B.weight"], layer.scaling,
-                                            layer.fan_in_fan_out, magnitude)
+                                            layer.fan_in_fan_out, magnitude, copy, adapter_dir / WEIGHTS_NAME)
     return targets
 
 
@@ -226,6 +235,8 @@ def _produce(plan: StreamPlan, key: str) -> torch.Tensor:
     if target is None:
         out = stored.to(dtype)
     else:
+        if target.base_copy is not None and not same_values(stored, target.base_copy[1]):
+            raise modified_copy_error(target.base_copy[0], target.adapter_file)
         if stored.is_floating_point():  # a NaN already in the base is the base's fault, not the adapter's
             _check_finite(key, stored, "the base model's weight holds", "The base model's files are corrupt: "
                           "re-download them.")

@@ -5,13 +5,17 @@ checkpoints torch refuses to unpickle. models.load_base_model asks here when tra
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
 
+import torch
+
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
+from .safetensors_io import SafetensorsFile
 
 
 def unpickling_error(name_or_path: str, err: Exception) -> UserError:
@@ -49,22 +53,55 @@ def _model_folder(name_or_path: str, revision: str | None) -> Path | None:
         return None
 
 
+# The order in which transformers (5.x, modeling_utils._get_resolved_checkpoint_files) picks a model's weights: a
+# single file before an index, safetensors before pickles. A folder holding both model.safetensors and an index is
+# loaded from model.safetensors alone; reading the index's shards instead would merge other weights.
+WEIGHT_FILE_ORDER = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
 def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """The weight files transformers reads from `folder` (safetensors first, as it does), and missing shards."""
-    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
-                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError, OSError):
-                return [], [f"{index} (not a valid shard index)"]
-            missing = [f"{folder / s} (missing, though {index_name} lists it)" for s in shards
-                       if not (folder / s).is_file()]
-            return [folder / s for s in shards if (folder / s).is_file()], missing
-        if (folder / single).is_file():
-            return [folder / single], []
+    """The weight files transformers reads from `folder` (in its order, WEIGHT_FILE_ORDER), and missing shards."""
+    for name in WEIGHT_FILE_ORDER:
+        if not (folder / name).is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [folder / name], []
+        index = folder / name
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return [], [f"{index} (not a valid shard index)"]
+        missing = [f"{folder / s} (missing, though {name} lists it)" for s in shards
+                   if not (folder / s).is_file()]
+        return [folder / s for s in shards if (folder / s).is_file()], missing
     return [], []
+
+
+_HALF_AND_FULL = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def weights_dtype(name_or_path: str, revision: str | None = None) -> torch.dtype | None:
+    """The dtype the model's weights are stored in, read from the header of the first safetensors file transformers
+    would load: the float16/bfloat16/float32 type that holds most of its elements (a bf16 model may keep a few fp32
+    tensors). For a config.json that does not say (no `dtype`): merging such a bf16 base to float32 doubles it.
+    None when there is nothing local to read (a Hub model not in the cache, a pickle checkpoint)."""
+    folder = _model_folder(name_or_path, revision)
+    if folder is None:
+        return None
+    files, _ = _weight_files(folder)
+    if not files or files[0].suffix != ".safetensors":
+        return None
+    try:
+        header = SafetensorsFile(files[0])
+    except (OSError, ValueError):
+        return None
+    elements: dict[torch.dtype, int] = {}
+    for key in header.keys():
+        dtype = _HALF_AND_FULL.get(header.entries[key].get("dtype"))
+        if dtype is not None:
+            elements[dtype] = elements.get(dtype, 0) + math.prod(header.shape(key))
+    return max(elements, key=elements.get) if elements else None
 
 
 def weight_file_problem(file: Path) -> str | None:

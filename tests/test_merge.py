@@ -275,7 +275,8 @@ def _drop_base_name(adapter: Path) -> None:
 @pytest.mark.parametrize(
     "case",
     ["missing-adapter", "not-an-adapter", "corrupt-safetensors", "llama-adapter-on-gpt2", "no-base-name",
-     "base-missing", "output-under-a-file", "output-is-adapter", "bad-dtype", "bad-shard-size"],
+     "base-missing", "output-under-a-file", "output-is-adapter", "bad-dtype", "bad-shard-size", "huge-shard-size",
+     "rank-pattern-bad-regex", "alpha-pattern-bad-regex", "float8-tensor"],
 )
 def test_bad_input_exits_2(tiny_model_dir, tmp_path, case):
     adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
@@ -302,6 +303,22 @@ def test_bad_input_exits_2(tiny_model_dir, tmp_path, case):
         out, extra, expected = adapter, ["--overwrite"], ("which the merge reads from",)
     elif case == "bad-dtype":
         extra, expected = ["--dtype", "float8"], ("Unknown dtype", "bfloat16")
+    elif case == "huge-shard-size":
+        extra, expected = ["--max-shard-size", "9" * 400 + "GB"], ("--max-shard-size", "larger than any disk")
+    elif case.endswith("-pattern-bad-regex"):
+        field = case.split("-")[0] + "_pattern"
+        config = json.loads((adapter / CONFIG_NAME).read_text())
+        config[field] = {"(": 4}
+        (adapter / CONFIG_NAME).write_text(json.dumps(config))
+        expected = (str(adapter / CONFIG_NAME), f'{field} key "(" is not a valid regular expression')
+    elif case == "float8-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(adapter / WEIGHTS_NAME)
+        key = next(k for k in tensors if "lora_A" in k)
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        save_file(tensors, adapter / WEIGHTS_NAME)
+        expected = (str(adapter / WEIGHTS_NAME), f"{key} (float8_e4m3fn)", "not float32, float16 or bfloat16")
     else:
         extra, expected = ["--max-shard-size", "two gigs"], ("--max-shard-size",)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -334,3 +351,44 @@ def test_fp16_overflow_is_refused_even_without_verify(tiny_model_dir, tmp_path):
         result = merge(adapter, tmp_path / "merged", "--dtype", "float16", flag)
         assert_error(result, "bfloat16")
         assert not (tmp_path / "merged").exists()
+
+
+def test_a_quantized_base_is_refused_before_loading_and_names_base(tiny_model_dir, tmp_path, monkeypatch):
+    """A pre-quantized base (config.json with quantization_config, as save_pretrained writes after a bitsandbytes
+    load) cannot be merged into: refused before the model loads, advising --base with the unquantized model."""
+    base_dir = tmp_path / "base_q4"
+    shutil.copytree(tiny_model_dir("llama"), base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                     "bnb_4bit_quant_type": "nf4"}
+    (base_dir / "config.json").write_text(json.dumps(config))
+    adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantized base must be refused before the model loads")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    result = merge(adapter, tmp_path / "merged", "--base", base_dir)
+
+    assert_error(result, "is quantized (bitsandbytes 4-bit", f"lora-merge {adapter} {tmp_path / 'merged'} --base "
+                 "UNQUANTIZED_BASE")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["streamed", "in memory"])
+def test_default_dtype_is_the_stored_weights_when_config_json_does_not_say(tmp_path, verify):
+    base_dir = tmp_path / "base_bf16_no_dtype"
+    tiny.make_model("llama").to(torch.bfloat16).save_pretrained(base_dir)
+    tiny.make_tokenizer().save_pretrained(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (base_dir / "config.json").write_text(json.dumps(config))
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter")
+
+    result = merge(adapter, tmp_path / "merged", *(["--verify-logits"] if verify else []))
+
+    assert result.exit_code == 0, result.output
+    assert "(bfloat16)" in result.output
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -193,3 +193,61 @@ def test_errors_name_the_base_option_and_blame_a_corrupt_base(tiny_model_dir, tm
     result = merge(adapter, tmp_path / "m2", "--base", broken)
     assert_error(result, "q_proj", "base model's weight", "re-download")
     assert not (tmp_path / "m2").exists()
+
+
+def test_a_base_with_both_a_single_file_and_an_index_streams_the_file_transformers_loads(tmp_path):
+    """transformers loads model.safetensors before model.safetensors.index.json: a folder holding both (a re-save
+    beside an older sharded copy) must stream the single file too, not the shards the index names."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny.save_model("llama", tmp_path / "base")
+    both = tmp_path / "both"
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(both, max_shard_size="30KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (both / name).write_bytes((base_dir / name).read_bytes())
+    stored = SafetensorsFile(base_dir / "model.safetensors")
+    save_file({key: (stored.read(key) * 0.5).contiguous() for key in stored.keys()}, both / "model.safetensors",
+              metadata={"format": "pt"})
+    assert (both / "model.safetensors.index.json").is_file()
+    adapter = make_our_adapter(base_dir, tmp_path / "adapter", target_modules="all-linear")
+    streamed, in_memory = merge_both_ways(adapter, tmp_path, "--base", str(both))
+    assert_same_folders(streamed, in_memory)
+    key = "model.embed_tokens.weight"
+    assert torch.equal(SafetensorsFile(streamed / "model.safetensors").read(key), stored.read(key) * 0.5)
+
+
+def test_peft_adapter_on_lm_head_with_its_saved_copy_of_the_head(tmp_path):
+    """PEFT's default save_embedding_layers="auto" adds base_model.model.lm_head.base_layer.weight (a full copy of the
+    head) when lm_head is targeted: equal to the base's head it is ignored, and both paths merge what PEFT merges; a
+    copy that differs (a modified head) is refused by name on both paths."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from test_lora import randomise_lora
+
+    base_dir = tiny.save_model("llama", tmp_path / "base")
+    peft_model = get_peft_model(load(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                          task_type="CAUSAL_LM"))
+    randomise_lora(peft_model)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    copy_key = "base_model.model.lm_head.base_layer.weight"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert copy_key in tensors  # what PEFT writes by default
+
+    streamed, in_memory = merge_both_ways(adapter, tmp_path)
+    assert_same_folders(streamed, in_memory)
+    assert_close(logits(load(streamed)), logits(peft_model.merge_and_unload().eval()), 1e-4)
+
+    # a copy saved by a bfloat16 model of this float32 base is the base's head rounded: still the base's
+    rounded = dict(tensors, **{copy_key: tensors[copy_key].to(torch.bfloat16)})
+    save_file(rounded, adapter / "adapter_model.safetensors")
+    assert merge(adapter, tmp_path / "from_bf16_copy").exit_code == 0
+
+    tensors[copy_key] = tensors[copy_key] + 0.01
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    for args in ((), ("--verify-logits",)):
+        out = tmp_path / f"modified{len(args)}"
+        assert_error(merge(adapter, out, *args), copy_key, "differs from the base's own",
+                     "save_embedding_layers=False")
+        assert not out.exists()

@@ -39,6 +39,7 @@ from ..fsutil import (
     check_can_create,
     is_within,
     disk_full_message,
+    follow_link,
     is_disk_full,
     link_tree,
     make_temp_dir,
@@ -82,9 +83,7 @@ def _ready_path(out: Path) -> Path:
 def resolve_output_dir(output_dir: str) -> Path:
     """train.output_dir as the folder the result replaces: `~` expanded, absolute, and a symbolic link followed to
     its target (a link to a Drive folder on Colab: the result goes to Drive, the link stays a link)."""
-    out = Path(os.path.abspath(Path(output_dir).expanduser()))
-    if out.is_symlink():
-        out = out.resolve()
+    out = follow_link(output_dir)
     cwd = Path.cwd().resolve()
     if is_within(cwd, out):
         where = "is" if cwd == out.resolve() else "contains"
