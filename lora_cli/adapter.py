@@ -294,7 +294,8 @@ def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
                  if tensor.dtype not in _LORA_DTYPES]
     if not_float:
         raise UserError(
-            f"{path} holds {len(not_float)} tensors that are not float32, float16 or bfloat16: {listing(not_float)}. "
+            f"{path} holds {len(not_float)} tensor{'s' * (len(not_float) > 1)} that {'are' if len(not_float) > 1 else 'is'} "
+            f"not float32, float16 or bfloat16: {listing(not_float)}. "
             "LoRA weights are stored in one of those (float8 or integer tensors are a damaged file, or a "
             "quantized export lora-cli cannot read). Re-save the adapter in float32, float16 or bfloat16."
         )
