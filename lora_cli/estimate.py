@@ -278,7 +278,7 @@ def _count(n: int) -> str:
 def format_estimate(est: Estimate) -> str:
     """The estimate as the lines lora-train prints: parts, total, verdict, and what makes it fit."""
     f, s = est.facts, est.shape
-    weights = "NF4 4-bit + " + ("fp16" if s.compute_bytes == 2 else "fp32") if s.load_in_4bit else est.weight_dtype
+    weights = f"NF4 4-bit + {est.weight_dtype}" if s.load_in_4bit else est.weight_dtype
     labels = {
         "base weights": f"base weights ({_count(f.total_params)} parameters, {weights})",
         "LoRA parameters": f"LoRA parameters ({_count(f.lora_params)} in {f.lora_modules} modules, fp32)",

@@ -86,7 +86,7 @@ class StepShape:
     seq_len: int  # tokens in the longest row of a micro batch
     packing: bool
     checkpointing: bool
-    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32)
+    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32); with 4-bit, of what stays unquantized
     compute_bytes: int  # activations: 2 under fp16/bf16 autocast, 4 in fp32
     load_in_4bit: bool = False
     cuda: bool = True  # add the CUDA context and allocator slack
@@ -182,9 +182,9 @@ def _plain_head(model) -> bool:
 
 
 def weight_bytes(facts: ModelFacts, shape: StepShape) -> int:
-    if shape.load_in_4bit:  # norms, embeddings and the head stay in the compute dtype
+    if shape.load_in_4bit:  # norms, embeddings and the head stay in model.dtype (models.load_base_model's `dtype`)
         rest = facts.total_params - facts.quantizable_params
-        return round(facts.quantizable_params * NF4_BITS_PER_WEIGHT / 8 + rest * shape.compute_bytes)
+        return round(facts.quantizable_params * NF4_BITS_PER_WEIGHT / 8 + rest * shape.weight_bytes)
     return round(facts.total_params * shape.weight_bytes)
 
 
@@ -223,8 +223,9 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
 
 
 def _residual_bytes(shape: StepShape) -> float:
-    """The residual stream's dtype is the embedding's: the base dtype, or the compute dtype beside 4-bit layers."""
-    return shape.compute_bytes if shape.load_in_4bit else shape.weight_bytes
+    """The residual stream's dtype is the embedding's: the base dtype (model.dtype), with or without 4-bit layers
+    (the layers add their compute-dtype outputs to it, which keeps the wider of the two)."""
+    return max(shape.weight_bytes, shape.compute_bytes) if shape.load_in_4bit else shape.weight_bytes
 
 
 def saved_bytes(facts: ModelFacts, shape: StepShape) -> int:
@@ -267,8 +268,7 @@ def head_bytes(facts: ModelFacts, shape: StepShape) -> int:
     total = tokens * facts.hidden * c + 2 * n * facts.hidden * c + rows * facts.vocab * FP32
     if c < FP32:
         total += rows * facts.vocab * c
-    head_dtype_bytes = shape.compute_bytes if shape.load_in_4bit else shape.weight_bytes
-    if head_dtype_bytes != c:  # a head stored in another dtype is cast to the compute dtype once per step
+    if shape.weight_bytes != c:  # a head stored in another dtype is cast to the compute dtype once per step
         total += facts.vocab * facts.hidden * c
     if facts.head_trainable:  # checkpointed chunks: each chunk's logits again in backward, and their gradient
         total += rows * facts.vocab * 2 * FP32

@@ -116,6 +116,21 @@ def test_4_bit_stores_linear_weights_in_nf4_and_the_rest_in_the_compute_dtype():
     assert step_parts(facts, shape)["base weights"] == round(expected)
 
 
+def test_4_bit_with_model_dtype_float32_counts_the_unquantized_parts_in_fp32():
+    """load_base_model loads embedding, head and norms of a 4-bit base in model.dtype: fp32 costs ~2.1 GB on 8B."""
+    args = (f"model.name_or_path={FIXTURES / 'llama-3.1-8b'}", "model.load_in_4bit=true", "--gpu", "t4")
+    text_auto, auto = estimate(*args, "model.dtype=auto")
+    text_fp32, fp32 = estimate(*args, "model.dtype=float32")
+    vocab, hidden, layers = 128256, 4096, 32
+    unquantized = 2 * vocab * hidden + (2 * layers + 1) * hidden  # untied embedding and head, the RMSNorm weights
+    assert fp32["parts"]["base weights"] - auto["parts"]["base weights"] == unquantized * (4 - 2)
+    assert fp32["parts"]["base weights"] - auto["parts"]["base weights"] == 2_101_878_784
+    # an fp32 head is cast to fp16 for the fp16 matmuls (autocast), once per step
+    assert fp32["parts"]["output head + loss"] - auto["parts"]["output head + loss"] == vocab * hidden * 2
+    assert fp32["total_bytes"] > auto["total_bytes"] + 3 * 2**30
+    assert "NF4 4-bit + float32" in text_fp32 and "NF4 4-bit + float16" in text_auto
+
+
 def test_longest_example_comes_from_tokenizing_local_data(tiny_model_dir, tmp_path):
     from lora_cli.config import validate_config
 
