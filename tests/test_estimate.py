@@ -176,3 +176,29 @@ def test_the_qlora_8b_config_fits_a_t4_by_the_estimate():
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["fits"] is True and data["precision"] == "fp16"
     assert 7.0 * 2**30 < data["total_bytes"] < 8.5 * 2**30  # 7.7 GiB when written
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model_type": "t5", "d_model": 32, "num_layers": 2, "vocab_size": 384},
+     "is a 't5' model (its config.json's model_type), which is not a causal language model"),
+    ({"num_attention_heads": 0}, "num_attention_heads: 0; each must be a positive number"),
+    ({"vocab_size": 0}, "vocab_size: 0; each must be a positive number"),
+])
+def test_a_config_json_no_causal_lm_can_be_built_from_is_named(tmp_path, change, expected):
+    config = json.loads((FIXTURES / "llama-3.2-3b" / "config.json").read_text())
+    config = change if "model_type" in change else {**config, **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(train_app, [str(REPO / "configs" / "t4_3b.yaml"), f"model.name_or_path={tmp_path}",
+                                            "--estimate", "--gpu", "t4"])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("size", ["9" * 400 + "GB", "20000GB", "0GB"])
+def test_a_gpu_size_beyond_any_card_is_refused(size):
+    result = CliRunner().invoke(train_app, [str(REPO / "configs" / "t4_3b.yaml"), "--estimate", "--gpu", size,
+                                            f"model.name_or_path={FIXTURES / 'llama-3.2-3b'}"])
+    assert result.exit_code == 2, result.output
+    assert "is not a GPU memory size lora-cli can use" in " ".join(result.output.split())
+    assert "at most 10000, such as 24GB" in " ".join(result.output.split())
