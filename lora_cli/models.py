@@ -154,6 +154,28 @@ def base_dtype(dtype_setting: str, precision: PrecisionChoice) -> torch.dtype:
     return PRECISION_DTYPES[precision.precision] if precision.device == "cuda" else torch.float32
 
 
+def check_4bit_dtype(dtype_setting: str, load_in_4bit: bool, precision: PrecisionChoice) -> None:
+    """A 4-bit base in one half type trained under autocast in the other cannot run, on CPU or CUDA.
+
+    bitsandbytes' Linear4bit returns its input's dtype (model.dtype, through the norms), not autocast's, so e.g.
+    float16 projections meet bf16 autocast in ops autocast promotes (the rotary embedding's torch.cat), and autocast
+    refuses a half type that is not its own ("Unexpected floating ScalarType in at::autocast::prioritize"). A
+    16-bit base is fine: its nn.Linear layers compute in autocast's dtype. float32 parts are fine too.
+    """
+    if not load_in_4bit or dtype_setting not in ("float16", "bfloat16") or precision.precision == "fp32":
+        return
+    half = PRECISION_DTYPES[precision.precision]
+    if DTYPES[dtype_setting] == half:
+        return
+    matching = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[half]
+    raise UserError(
+        f"model.dtype={dtype_setting} with model.load_in_4bit cannot train in train.precision={precision.precision} "
+        f"(on {precision.device.upper()}): the 4-bit layers return {dtype_setting} tensors, which {precision.precision} "
+        f"autocast refuses to mix with its own half type. Set model.dtype=auto (or {matching}, or float32 for "
+        f"fp32 norms, embedding and head), or a train.precision that matches model.dtype."
+    )
+
+
 def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()

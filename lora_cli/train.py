@@ -22,8 +22,8 @@ from .errors import TrainingStopped, UserError
 from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
-from .models import (PrecisionChoice, base_dtype, base_quantization, choose_precision, fp16_risk, load_base_model,
-                     load_tokenizer)
+from .models import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision, fp16_risk,
+                     load_base_model, load_tokenizer)
 from .training import outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
@@ -49,6 +49,7 @@ from .training.summary import print_summary
 
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
+    check_4bit_dtype(cfg.model.dtype, cfg.model.load_in_4bit, precision)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,

@@ -380,3 +380,32 @@ def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path
 
     at_end, by_hand = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
     assert at_end.keys() == by_hand.keys() and all(torch.equal(at_end[k], by_hand[k]) for k in at_end)
+
+
+def test_a_4bit_base_in_the_other_half_type_than_the_precision_is_refused_before_loading(tmp_path, model_dir,
+                                                                                          monkeypatch):
+    """Linear4bit returns model.dtype (float16) under bf16 autocast, whose torch.cat then raised 'Unexpected
+    floating ScalarType in at::autocast::prioritize' mid-forward; refused up front, CPU and CUDA alike."""
+    from lora_cli.cli import train_app
+    from lora_cli.models import PrecisionChoice, check_4bit_dtype
+    from test_train import make_config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dtype mix-up was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    config = make_config(tmp_path, model_dir("llama"), model={"load_in_4bit": True, "dtype": "float16"},
+                         train={"precision": "bf16"})
+    result = CliRunner().invoke(train_app, [str(config)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "model.dtype=float16 with model.load_in_4bit cannot train in train.precision=bf16 (on CPU)" in text
+    assert "Set model.dtype=auto (or bfloat16, or float32" in text and "Traceback" not in text
+    t4 = PrecisionChoice("fp16", "cuda", "fp16 mixed precision")
+    with pytest.raises(UserError, match="model.dtype=bfloat16 with model.load_in_4bit cannot train in "
+                                        r"train.precision=fp16 \(on CUDA\).*or float16, or float32"):
+        check_4bit_dtype("bfloat16", True, t4)
+    for dtype, load_in_4bit, precision in [("float16", True, t4), ("float32", True, t4), ("auto", True, t4),
+                                           ("bfloat16", False, t4),
+                                           ("float16", True, PrecisionChoice("fp32", "cpu", "no GPU"))]:
+        check_4bit_dtype(dtype, load_in_4bit, precision)  # matching, fp32 parts, 16-bit base, no autocast: fine
