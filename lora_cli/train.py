@@ -49,7 +49,6 @@ from .training.summary import print_summary
 
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
-    check_4bit_dtype(cfg.model.dtype, cfg.model.load_in_4bit, precision)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
@@ -121,6 +120,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     trackers.check_installed(cfg.train.report_to)
     prompts = load_prompts(cfg)
     precision = choose_precision(cfg.train.precision)
+    check_4bit_dtype(cfg.model.dtype, cfg.model.load_in_4bit, precision)
     out = outdir.resolve_output_dir(cfg.train.output_dir)
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
