@@ -93,6 +93,13 @@ class StepShape:
     padded: bool = True  # unpacked rows of different lengths: the batch carries an attention mask
 
     @property
+    def activation_bytes(self) -> float:
+        """Per element of the decoder's activations. bitsandbytes' 4-bit layers return their input's dtype, not
+        autocast's: beside fp32 norms (model.dtype=float32) the projections' outputs, and all that follows them,
+        are fp32 too. nn.Linear layers compute in the autocast dtype whatever their weights."""
+        return max(self.weight_bytes, self.compute_bytes) if self.load_in_4bit else self.compute_bytes
+
+    @property
     def masked(self) -> bool:
         return self.padded and self.micro_batch > 1 and not self.packing
 
@@ -197,7 +204,7 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
     projections keep nothing of their input: only LoRA makes autograd keep the normed input (h) of the q/k/v or
     gate/up projections, down_proj's input (i), and every module's A x (r).
     """
-    c, tokens, seq = shape.compute_bytes, shape.micro_batch * shape.seq_len, shape.seq_len
+    c, tokens, seq = shape.activation_bytes, shape.micro_batch * shape.seq_len, shape.seq_len
     per_token = 2 * facts.hidden * FP32 + 2 * FP32
     masked = shape.masked
     if facts.attn_implementation == "eager":
@@ -210,8 +217,11 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
         # query path needs mask-free calls), and sdpa turns the boolean mask into an additive one in the query's
         # dtype in every layer, kept for backward (seq x c per token). Packed rows attend per example, unmasked.
         # sdpa's output is already laid out as (batch, seq, heads, dim), so o_proj's LoRA input is that tensor.
+        # Autocast casts sdpa's inputs to the compute dtype: what it keeps is in that dtype even when the
+        # projections around it give fp32 (a 4-bit base with fp32 norms).
         kv = facts.q_dim if masked else facts.kv_dim
-        per_token += (2 * facts.q_dim + 2 * kv) * c + facts.heads * FP32 + (seq * c if masked else 0)
+        per_token += ((2 * facts.q_dim + 2 * kv) * shape.compute_bytes + facts.heads * FP32
+                      + (seq * c if masked else 0))
     per_token += (3 if facts.gated_mlp else 2) * facts.intermediate * c
     roles = facts.lora_roles
     per_token += facts.lora_rank_per_layer * c
