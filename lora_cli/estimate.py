@@ -19,7 +19,7 @@ from .errors import UserError
 from .inject import LoraSettings
 from .losses import chunk_rows
 from .memory_model import GiB, MiB, ModelFacts, StepShape, build_meta_model, model_facts, step_parts
-from .models import base_dtype, check_source, choose_precision
+from .models import base_dtype, check_source, choose_precision, nonpositive_sizes
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,6 @@ def read_model_config(cfg: Config):
         raise _impossible_config(source, _raw_config(path), err) from None
 
 
-# Sizes every causal LM's config.json gives; 0 or less makes transformers divide by zero or assert.
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model")
-
-
 def _raw_config(path: Path) -> dict:
     import json
 
@@ -147,17 +142,9 @@ def _raw_config(path: Path) -> dict:
     return raw if isinstance(raw, dict) else {}
 
 
-def _nonpositive_sizes(fields: dict) -> list[str]:
-    text = fields.get("text_config") if isinstance(fields.get("text_config"), dict) else {}
-    fields = {**fields, **text}
-    return [f"{name}: {fields[name]}" for name in _SIZE_FIELDS
-            if isinstance(fields.get(name), (int, float)) and not isinstance(fields.get(name), bool)
-            and fields[name] <= 0]
-
-
 def _impossible_config(source: str, fields: dict, err: Exception | None) -> UserError:
     """config.json's sizes describe no model (a size of 0): name the fields, else transformers' complaint."""
-    bad = _nonpositive_sizes(fields)
+    bad = nonpositive_sizes(fields)
     what = (f"has sizes that describe no model ({', '.join(bad)}; each must be a positive number)" if bad else
             f"describes a model transformers cannot build ({type(err).__name__}: {str(err).strip() or 'no detail'})")
     return UserError(f"config.json of '{source}' {what}. Fix the field (compare with the model's original "
@@ -168,7 +155,7 @@ def _meta_facts(cfg: Config, hf_config) -> ModelFacts:
     """The model's facts off its meta-device build, with a config transformers cannot build named, not a
     traceback: a model that is not a causal LM (T5, BERT-style encoders), or impossible sizes."""
     source = cfg.model.name_or_path
-    if _nonpositive_sizes(hf_config.to_dict()):  # some build anyway (a vocabulary of 0): a meaningless estimate
+    if nonpositive_sizes(hf_config.to_dict()):  # some build anyway (a vocabulary of 0): a meaningless estimate
         raise _impossible_config(source, hf_config.to_dict(), None)
     try:
         model = build_meta_model(hf_config, cfg.model.trust_remote_code)

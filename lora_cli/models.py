@@ -202,6 +202,20 @@ def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
         _check_config_fields(path / "config.json")
 
 
+# Sizes every causal LM's config.json gives; 0 or less makes transformers divide by zero or assert (tracebacks).
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model")
+
+
+def nonpositive_sizes(fields: dict) -> list[str]:
+    """'name: value' for each size field of a config.json dict (or its text_config) that is 0 or less."""
+    text = fields.get("text_config") if isinstance(fields.get("text_config"), dict) else {}
+    fields = {**fields, **text}
+    return [f"{name}: {fields[name]}" for name in _SIZE_FIELDS
+            if isinstance(fields.get(name), (int, float)) and not isinstance(fields.get(name), bool)
+            and fields[name] <= 0]
+
+
 def _check_config_json(path: Path) -> None:
     """transformers reports a broken config.json vaguely, or (for a JSON list) with a TypeError: name the file."""
     try:
@@ -217,6 +231,10 @@ def _check_config_json(path: Path) -> None:
             f"{path} must hold a JSON object (the model's configuration), not a {type(config).__name__}. "
             "Re-download or re-save the model."
         )
+    bad = nonpositive_sizes(config)
+    if bad:
+        raise UserError(f"{path} has sizes that describe no model ({', '.join(bad)}; each must be a positive number). "
+                        "Fix the field (compare with the model's original config.json) or re-download the model.")
 
 
 def _check_config_fields(path: Path) -> None:
