@@ -60,7 +60,7 @@ def adapter_config_dict(
         "alpha_pattern": dict(settings.alpha_pattern),
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "fan_in_fan_out": any(layer.checkpoint_fan_in_fan_out for layer in layers.values()),
         "inference_mode": True,
         "init_lora_weights": "gaussian" if settings.init == "gaussian" else True,
         "layer_replication": None,

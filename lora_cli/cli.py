@@ -240,7 +240,8 @@ def generate_command(
         chat_template=not no_chat_template,
     )
     prompts = gen.read_prompt_file(prompt_file) if prompt_file is not None else None
-    gen.check_output_file(output)
+    gen.check_prompt(prompt)
+    gen.check_output_file(output, prompt_file)
     gen.generation_dtype(dtype, "cpu")  # only to validate --dtype before the (slow) model load
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,

@@ -19,7 +19,7 @@ from .errors import UserError
 from .inject import LoraSettings
 from .losses import chunk_rows
 from .memory_model import GiB, MiB, ModelFacts, StepShape, build_meta_model, model_facts, step_parts
-from .models import base_dtype, check_source, choose_precision
+from .models import base_dtype, check_source, choose_precision, nonpositive_sizes
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ GPUS = {
 }
 DEFAULT_GPU = "t4"  # the card this tool is built for (free Colab and Kaggle)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*$", re.IGNORECASE)
+MAX_GPU_GB = 10_000  # beyond any single card: a larger --gpu size is a typo
 MIN_SEQ_LEN = 128  # shorter than this, max_length stops being a useful suggestion
 
 
@@ -87,9 +88,12 @@ def parse_gpu(text: str) -> GpuSpec:
     if key in GPUS:
         return GPUS[key]
     match = _SIZE.match(text)
-    if match and float(match.group(1)) > 0:
+    if match and 0 < float(match.group(1)) <= MAX_GPU_GB:  # float() of a huge number is inf, not an error
         size = float(match.group(1))
         return GpuSpec(f"{size:g} GB GPU", int(size * GiB), (8, 0))
+    if match:
+        raise UserError(f"--gpu '{text}' is not a GPU memory size lora-cli can use: give the card's memory in GB, "
+                        f"more than 0 and at most {MAX_GPU_GB}, such as 24GB.")
     raise UserError(f"--gpu '{text}' is not a GPU lora-cli knows; use one of {', '.join(GPUS)} or a size such as 24GB.")
 
 
@@ -124,6 +128,52 @@ def read_model_config(cfg: Config):
             f"Could not read config.json of '{source}': {first}. The estimate needs only that file: without the "
             "Hub (offline), put it in a folder and pass model.name_or_path=FOLDER."
         ) from None
+    except (ArithmeticError, AssertionError, TypeError) as err:  # transformers' own checks of the sizes
+        raise _impossible_config(source, _raw_config(path), err) from None
+
+
+def _raw_config(path: Path) -> dict:
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else {}
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _impossible_config(source: str, fields: dict, err: Exception | None) -> UserError:
+    """config.json's sizes describe no model (a size of 0): name the fields, else transformers' complaint."""
+    bad = nonpositive_sizes(fields)
+    what = (f"has sizes that describe no model ({', '.join(bad)}; each must be a positive number)" if bad else
+            f"describes a model transformers cannot build ({type(err).__name__}: {str(err).strip() or 'no detail'})")
+    return UserError(f"config.json of '{source}' {what}. Fix the field (compare with the model's original "
+                     "config.json) or re-download the model.")
+
+
+def _meta_facts(cfg: Config, hf_config) -> ModelFacts:
+    """The model's facts off its meta-device build, with a config transformers cannot build named, not a
+    traceback: a model that is not a causal LM (T5, BERT-style encoders), or impossible sizes."""
+    source = cfg.model.name_or_path
+    if nonpositive_sizes(hf_config.to_dict()):  # some build anyway (a vocabulary of 0): a meaningless estimate
+        raise _impossible_config(source, hf_config.to_dict(), None)
+    try:
+        model = build_meta_model(hf_config, cfg.model.trust_remote_code)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise _impossible_config(source, hf_config.to_dict(), err) from None
+        model_type = getattr(hf_config, "model_type", "?")
+        raise UserError(
+            f"model.name_or_path '{source}' is a '{model_type}' model (its config.json's model_type), which is not a "
+            "causal language model: transformers has no AutoModelForCausalLM for it, so lora-cli cannot train it. "
+            "Choose a decoder-only model (Llama, Qwen, Mistral, Gemma, Phi, GPT-2, ...)."
+        ) from None
+    except (ArithmeticError, AssertionError, TypeError, IndexError, RuntimeError) as err:
+        raise _impossible_config(source, hf_config.to_dict(), err) from None
+    try:
+        return model_facts(model, LoraSettings(**cfg.lora.model_dump()))
+    except (ArithmeticError, AssertionError, TypeError) as err:
+        raise _impossible_config(source, hf_config.to_dict(), err) from None
 
 
 def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None, tokenize: bool = True) -> Estimate:
@@ -142,8 +192,7 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
             notes.append(f"no CUDA GPU here: estimated for a {spec.name} (choose another with --gpu)")
     precision = choose_precision(cfg.train.precision, capability=spec.capability)
     weights = base_dtype(cfg.model.dtype, precision)
-    facts = model_facts(build_meta_model(read_model_config(cfg), cfg.model.trust_remote_code),
-                        LoraSettings(**cfg.lora.model_dump()))
+    facts = _meta_facts(cfg, read_model_config(cfg))
     seq_len, padded = _sequence_length(cfg, data, tokenize, notes)
     half = precision.precision in ("fp16", "bf16")
     shape = StepShape(
@@ -278,7 +327,7 @@ def _count(n: int) -> str:
 def format_estimate(est: Estimate) -> str:
     """The estimate as the lines lora-train prints: parts, total, verdict, and what makes it fit."""
     f, s = est.facts, est.shape
-    weights = "NF4 4-bit + " + ("fp16" if s.compute_bytes == 2 else "fp32") if s.load_in_4bit else est.weight_dtype
+    weights = f"NF4 4-bit + {est.weight_dtype}" if s.load_in_4bit else est.weight_dtype
     labels = {
         "base weights": f"base weights ({_count(f.total_params)} parameters, {weights})",
         "LoRA parameters": f"LoRA parameters ({_count(f.lora_params)} in {f.lora_modules} modules, fp32)",

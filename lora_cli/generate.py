@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -26,6 +27,12 @@ RESET_COMMAND = "/reset"
 RAW_TURN_SEPARATOR = "\n\n"  # how a conversation is joined when there is no chat template
 
 
+# Below this, sampling picks the top token anyway (its probability rounds to 1 once the logits differ by a few
+# hundredths), and far below it logits / temperature overflow float32 to inf and sampling crashes: say to use 0.
+MIN_TEMPERATURE = 1e-4
+MAX_SEED = 2**32 - 1  # numpy's and transformers.set_seed's limit
+
+
 @dataclass
 class SamplingSettings:
     """How tokens are chosen. temperature 0 means greedy decoding (deterministic)."""
@@ -41,14 +48,20 @@ class SamplingSettings:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0; 0 means greedy (got {self.temperature})")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"--temperature must be a number >= 0; 0 means greedy (got {self.temperature})")
+        elif 0 < self.temperature < MIN_TEMPERATURE:
+            problems.append(f"--temperature {self.temperature} is too small to sample with (below {MIN_TEMPERATURE:g} "
+                            "it picks the top token anyway, and tiny values overflow the scores); use 0 for greedy "
+                            "decoding")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             problems.append(f"--top-k must be >= 0; 0 disables it (got {self.top_k})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"--repetition-penalty must be > 0; 1 means none (got {self.repetition_penalty})")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            problems.append(f"--repetition-penalty must be a number > 0; 1 means none (got {self.repetition_penalty})")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
         if problems:
             raise UserError("; ".join(problems) + ".")
         return self
@@ -204,6 +217,8 @@ def generate_text(
     settings = SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed).validate()
     text, add_special_tokens = render_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+    if encoded["input_ids"].shape[1] == 0:  # an empty prompt, no chat template and no bos: nothing to start from
+        raise UserError("The prompt is empty (no tokens to start from); give the text to answer.")
     device = next(model.parameters()).device
     input_ids = encoded["input_ids"].to(device)
     attention_mask = encoded["attention_mask"].to(device)
@@ -266,15 +281,29 @@ def read_prompt_file(path: str | Path) -> list[str]:
                 f"{path} line {number} needs a string field \"prompt\" (or \"question\"), e.g. "
                 '{"prompt": "What is LoRA?"}; for plain text use one prompt per line.'
             )
+        if not row[field_name].strip():
+            raise UserError(f"{path} line {number} has an empty \"{field_name}\"; give each line a prompt to answer "
+                            "(or remove the line).")
         prompts.append(row[field_name])
     return prompts
 
 
-def check_output_file(path: str | Path | None) -> None:
-    """Refuse an unusable --output before the model loads."""
+def check_prompt(prompt: str | None) -> None:
+    """An empty --prompt gives the model no tokens to start from (without a chat template or bos): refuse it
+    before the model loads."""
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty; give the text to answer, e.g. --prompt \"What is LoRA?\".")
+
+
+def check_output_file(path: str | Path | None, prompt_file: str | Path | None = None) -> None:
+    """Refuse an unusable --output before the model loads, among them the prompt file itself (opening it for
+    writing would empty it)."""
     if path is None:
         return
     path = Path(path)
+    if prompt_file is not None and _same_file(path, Path(prompt_file)):
+        raise UserError(f"--output {path} is the --prompt-file itself; writing the answers there would erase the "
+                        "prompts. Choose another --output file.")
     if path.is_dir():
         raise UserError(f"--output {path} is a folder; pass a file path.")
     parent = path.parent
@@ -283,6 +312,16 @@ def check_output_file(path: str | Path | None) -> None:
     # An existing file is overwritten in place (its folder's permissions do not matter); a new one is created.
     if not os.access(path if path.exists() else parent, os.W_OK):
         raise UserError(f"--output {path} is not writable; choose another path.")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Also through a symlink, a hard link or another spelling of the path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -91,6 +91,13 @@ class LoraLinear(nn.Module):
             raise ValueError(f"LoRA init must be one of {INIT_CHOICES}, got {init!r}")
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D keeps W as (in, out)
         self.quantized = is_4bit_linear(base)  # W is packed 4-bit: base.weight.shape is not (out, in)
+        # adapter_config.json's fan_in_fan_out describes the checkpoint's layer, whatever it was loaded as: a 4-bit
+        # layer transformers made from a Conv1D (it transposes the weight and keeps the class as `source_cls`)
+        # counts as the Conv1D, so a QLoRA adapter says what a 16-bit run on the same base says. A and B are
+        # (r, in) and (out, r) either way; PEFT reads the flag only to merge into a Conv1D.
+        source = getattr(base, "source_cls", None)
+        self.checkpoint_fan_in_fan_out = self.fan_in_fan_out or (
+            isinstance(source, type) and issubclass(source, nn.Module) and not issubclass(source, nn.Linear))
         out_features, in_features = (
             (base.out_features, base.in_features) if self.quantized else self._oriented(base.weight).shape
         )

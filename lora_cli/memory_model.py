@@ -86,11 +86,18 @@ class StepShape:
     seq_len: int  # tokens in the longest row of a micro batch
     packing: bool
     checkpointing: bool
-    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32)
+    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32); with 4-bit, of what stays unquantized
     compute_bytes: int  # activations: 2 under fp16/bf16 autocast, 4 in fp32
     load_in_4bit: bool = False
     cuda: bool = True  # add the CUDA context and allocator slack
     padded: bool = True  # unpacked rows of different lengths: the batch carries an attention mask
+
+    @property
+    def activation_bytes(self) -> float:
+        """Per element of the decoder's activations. bitsandbytes' 4-bit layers return their input's dtype, not
+        autocast's: beside fp32 norms (model.dtype=float32) the projections' outputs, and all that follows them,
+        are fp32 too. nn.Linear layers compute in the autocast dtype whatever their weights."""
+        return max(self.weight_bytes, self.compute_bytes) if self.load_in_4bit else self.compute_bytes
 
     @property
     def masked(self) -> bool:
@@ -182,9 +189,9 @@ def _plain_head(model) -> bool:
 
 
 def weight_bytes(facts: ModelFacts, shape: StepShape) -> int:
-    if shape.load_in_4bit:  # norms, embeddings and the head stay in the compute dtype
+    if shape.load_in_4bit:  # norms, embeddings and the head stay in model.dtype (models.load_base_model's `dtype`)
         rest = facts.total_params - facts.quantizable_params
-        return round(facts.quantizable_params * NF4_BITS_PER_WEIGHT / 8 + rest * shape.compute_bytes)
+        return round(facts.quantizable_params * NF4_BITS_PER_WEIGHT / 8 + rest * shape.weight_bytes)
     return round(facts.total_params * shape.weight_bytes)
 
 
@@ -197,7 +204,7 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
     projections keep nothing of their input: only LoRA makes autograd keep the normed input (h) of the q/k/v or
     gate/up projections, down_proj's input (i), and every module's A x (r).
     """
-    c, tokens, seq = shape.compute_bytes, shape.micro_batch * shape.seq_len, shape.seq_len
+    c, tokens, seq = shape.activation_bytes, shape.micro_batch * shape.seq_len, shape.seq_len
     per_token = 2 * facts.hidden * FP32 + 2 * FP32
     masked = shape.masked
     if facts.attn_implementation == "eager":
@@ -210,8 +217,11 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
         # query path needs mask-free calls), and sdpa turns the boolean mask into an additive one in the query's
         # dtype in every layer, kept for backward (seq x c per token). Packed rows attend per example, unmasked.
         # sdpa's output is already laid out as (batch, seq, heads, dim), so o_proj's LoRA input is that tensor.
+        # Autocast casts sdpa's inputs to the compute dtype: what it keeps is in that dtype even when the
+        # projections around it give fp32 (a 4-bit base with fp32 norms).
         kv = facts.q_dim if masked else facts.kv_dim
-        per_token += (2 * facts.q_dim + 2 * kv) * c + facts.heads * FP32 + (seq * c if masked else 0)
+        per_token += ((2 * facts.q_dim + 2 * kv) * shape.compute_bytes + facts.heads * FP32
+                      + (seq * c if masked else 0))
     per_token += (3 if facts.gated_mlp else 2) * facts.intermediate * c
     roles = facts.lora_roles
     per_token += facts.lora_rank_per_layer * c
@@ -223,8 +233,9 @@ def layer_activation_bytes(facts: ModelFacts, shape: StepShape) -> int:
 
 
 def _residual_bytes(shape: StepShape) -> float:
-    """The residual stream's dtype is the embedding's: the base dtype, or the compute dtype beside 4-bit layers."""
-    return shape.compute_bytes if shape.load_in_4bit else shape.weight_bytes
+    """The residual stream's dtype is the embedding's: the base dtype (model.dtype), with or without 4-bit layers
+    (the layers add their compute-dtype outputs to it, which keeps the wider of the two)."""
+    return max(shape.weight_bytes, shape.compute_bytes) if shape.load_in_4bit else shape.weight_bytes
 
 
 def saved_bytes(facts: ModelFacts, shape: StepShape) -> int:
@@ -267,8 +278,7 @@ def head_bytes(facts: ModelFacts, shape: StepShape) -> int:
     total = tokens * facts.hidden * c + 2 * n * facts.hidden * c + rows * facts.vocab * FP32
     if c < FP32:
         total += rows * facts.vocab * c
-    head_dtype_bytes = shape.compute_bytes if shape.load_in_4bit else shape.weight_bytes
-    if head_dtype_bytes != c:  # a head stored in another dtype is cast to the compute dtype once per step
+    if shape.weight_bytes != c:  # a head stored in another dtype is cast to the compute dtype once per step
         total += facts.vocab * facts.hidden * c
     if facts.head_trainable:  # checkpointed chunks: each chunk's logits again in backward, and their gradient
         total += rows * facts.vocab * 2 * FP32

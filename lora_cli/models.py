@@ -154,6 +154,28 @@ def base_dtype(dtype_setting: str, precision: PrecisionChoice) -> torch.dtype:
     return PRECISION_DTYPES[precision.precision] if precision.device == "cuda" else torch.float32
 
 
+def check_4bit_dtype(dtype_setting: str, load_in_4bit: bool, precision: PrecisionChoice) -> None:
+    """A 4-bit base in one half type trained under autocast in the other cannot run, on CPU or CUDA.
+
+    bitsandbytes' Linear4bit returns its input's dtype (model.dtype, through the norms), not autocast's, so e.g.
+    float16 projections meet bf16 autocast in ops autocast promotes (the rotary embedding's torch.cat), and autocast
+    refuses a half type that is not its own ("Unexpected floating ScalarType in at::autocast::prioritize"). A
+    16-bit base is fine: its nn.Linear layers compute in autocast's dtype. float32 parts are fine too.
+    """
+    if not load_in_4bit or dtype_setting not in ("float16", "bfloat16") or precision.precision == "fp32":
+        return
+    half = PRECISION_DTYPES[precision.precision]
+    if DTYPES[dtype_setting] == half:
+        return
+    matching = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[half]
+    raise UserError(
+        f"model.dtype={dtype_setting} with model.load_in_4bit cannot train in train.precision={precision.precision} "
+        f"(on {precision.device.upper()}): the 4-bit layers return {dtype_setting} tensors, which {precision.precision} "
+        f"autocast refuses to mix with its own half type. Set model.dtype=auto (or {matching}, or float32 for "
+        f"fp32 norms, embedding and head), or a train.precision that matches model.dtype."
+    )
+
+
 def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
@@ -180,6 +202,20 @@ def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
         _check_config_fields(path / "config.json")
 
 
+# Sizes every causal LM's config.json gives; 0 or less makes transformers divide by zero or assert (tracebacks).
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model")
+
+
+def nonpositive_sizes(fields: dict) -> list[str]:
+    """'name: value' for each size field of a config.json dict (or its text_config) that is 0 or less."""
+    text = fields.get("text_config") if isinstance(fields.get("text_config"), dict) else {}
+    fields = {**fields, **text}
+    return [f"{name}: {fields[name]}" for name in _SIZE_FIELDS
+            if isinstance(fields.get(name), (int, float)) and not isinstance(fields.get(name), bool)
+            and fields[name] <= 0]
+
+
 def _check_config_json(path: Path) -> None:
     """transformers reports a broken config.json vaguely, or (for a JSON list) with a TypeError: name the file."""
     try:
@@ -195,6 +231,10 @@ def _check_config_json(path: Path) -> None:
             f"{path} must hold a JSON object (the model's configuration), not a {type(config).__name__}. "
             "Re-download or re-save the model."
         )
+    bad = nonpositive_sizes(config)
+    if bad:
+        raise UserError(f"{path} has sizes that describe no model ({', '.join(bad)}; each must be a positive number). "
+                        "Fix the field (compare with the model's original config.json) or re-download the model.")
 
 
 def _check_config_fields(path: Path) -> None:

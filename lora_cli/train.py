@@ -22,8 +22,8 @@ from .errors import TrainingStopped, UserError
 from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
-from .models import (PrecisionChoice, base_dtype, base_quantization, choose_precision, fp16_risk, load_base_model,
-                     load_tokenizer)
+from .models import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision, fp16_risk,
+                     load_base_model, load_tokenizer)
 from .training import outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
@@ -120,6 +120,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     trackers.check_installed(cfg.train.report_to)
     prompts = load_prompts(cfg)
     precision = choose_precision(cfg.train.precision)
+    check_4bit_dtype(cfg.model.dtype, cfg.model.load_in_4bit, precision)
     out = outdir.resolve_output_dir(cfg.train.output_dir)
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every

@@ -215,6 +215,10 @@ def test_loraplus_lr_ratio():
     assert validate_config(minimal()).lora.loraplus_lr_ratio is None
     assert validate_config(minimal(lora={"loraplus_lr_ratio": 16})).lora.loraplus_lr_ratio == 16.0
     assert "lora.loraplus_lr_ratio: must be greater than 0" in error_of(minimal(lora={"loraplus_lr_ratio": 0}))
+    assert validate_config(minimal(lora={"loraplus_lr_ratio": 1000})).lora.loraplus_lr_ratio == 1000.0
+    huge = " ".join(error_of(minimal(lora={"loraplus_lr_ratio": 1e30})).split())
+    assert "lora.loraplus_lr_ratio: must be at most 1000: lora_B's learning rate is train.learning_rate times " \
+           "this ratio" in huge and "recommends about 16" in huge
 
 
 def test_the_readmes_key_list_is_every_key_with_its_default():

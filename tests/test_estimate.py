@@ -116,6 +116,21 @@ def test_4_bit_stores_linear_weights_in_nf4_and_the_rest_in_the_compute_dtype():
     assert step_parts(facts, shape)["base weights"] == round(expected)
 
 
+def test_4_bit_with_model_dtype_float32_counts_the_unquantized_parts_in_fp32():
+    """load_base_model loads embedding, head and norms of a 4-bit base in model.dtype: fp32 costs ~2.1 GB on 8B."""
+    args = (f"model.name_or_path={FIXTURES / 'llama-3.1-8b'}", "model.load_in_4bit=true", "--gpu", "t4")
+    text_auto, auto = estimate(*args, "model.dtype=auto")
+    text_fp32, fp32 = estimate(*args, "model.dtype=float32")
+    vocab, hidden, layers = 128256, 4096, 32
+    unquantized = 2 * vocab * hidden + (2 * layers + 1) * hidden  # untied embedding and head, the RMSNorm weights
+    assert fp32["parts"]["base weights"] - auto["parts"]["base weights"] == unquantized * (4 - 2)
+    assert fp32["parts"]["base weights"] - auto["parts"]["base weights"] == 2_101_878_784
+    # an fp32 head is cast to fp16 for the fp16 matmuls (autocast), once per step
+    assert fp32["parts"]["output head + loss"] - auto["parts"]["output head + loss"] == vocab * hidden * 2
+    assert fp32["total_bytes"] > auto["total_bytes"] + 3 * 2**30
+    assert "NF4 4-bit + float32" in text_fp32 and "NF4 4-bit + float16" in text_auto
+
+
 def test_longest_example_comes_from_tokenizing_local_data(tiny_model_dir, tmp_path):
     from lora_cli.config import validate_config
 
@@ -161,3 +176,69 @@ def test_the_qlora_8b_config_fits_a_t4_by_the_estimate():
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["fits"] is True and data["precision"] == "fp16"
     assert 7.0 * 2**30 < data["total_bytes"] < 8.5 * 2**30  # 7.7 GiB when written
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model_type": "t5", "d_model": 32, "num_layers": 2, "vocab_size": 384},
+     "is a 't5' model (its config.json's model_type), which is not a causal language model"),
+    ({"num_attention_heads": 0}, "num_attention_heads: 0; each must be a positive number"),
+    ({"vocab_size": 0}, "vocab_size: 0; each must be a positive number"),
+])
+def test_a_config_json_no_causal_lm_can_be_built_from_is_named(tmp_path, change, expected):
+    config = json.loads((FIXTURES / "llama-3.2-3b" / "config.json").read_text())
+    config = change if "model_type" in change else {**config, **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(train_app, [str(REPO / "configs" / "t4_3b.yaml"), f"model.name_or_path={tmp_path}",
+                                            "--estimate", "--gpu", "t4"])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("size", ["9" * 400 + "GB", "20000GB", "0GB"])
+def test_a_gpu_size_beyond_any_card_is_refused(size):
+    result = CliRunner().invoke(train_app, [str(REPO / "configs" / "t4_3b.yaml"), "--estimate", "--gpu", size,
+                                            f"model.name_or_path={FIXTURES / 'llama-3.2-3b'}"])
+    assert result.exit_code == 2, result.output
+    assert "is not a GPU memory size lora-cli can use" in " ".join(result.output.split())
+    assert "at most 10000, such as 24GB" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "float32"])
+def test_4_bit_estimate_matches_a_measured_step_with_half_and_fp32_norms(tmp_path, weights):
+    """bitsandbytes' 4-bit layers return their input's dtype: beside fp32 norms (model.dtype=float32) the decoder's
+    activations are fp32 under bf16 autocast. Measured on CPU (scripts/memprofile.py), as check_estimate does."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    import transformers
+
+    from lora_cli.inject import apply_lora
+    from lora_cli.losses import CausalLMLoss
+    from lora_cli.models import load_base_model
+    from memprofile import allocated_peak
+
+    row = check_estimate.Row("4-bit", hidden=512, layers=2, vocab=8000, intermediate=1376, micro_batch=4,
+                             seq_len=256, mode="bf16", targets="all-linear")
+    config = check_estimate.hf_config(row)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    dtype = getattr(torch, weights)
+    model = load_base_model(str(tmp_path), dtype, load_in_4bit=True, compute_dtype=torch.bfloat16, device="cpu")
+    apply_lora(model, check_estimate.lora_settings(row))
+    model.train()
+    loss_model, batch = CausalLMLoss(model), check_estimate._batch(row)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, _ = loss_model(**batch)
+        loss_sum.backward()
+
+    step()
+    model.zero_grad(set_to_none=True)
+    with allocated_peak() as peak:
+        step()
+    facts = model_facts(build_meta_model(config), check_estimate.lora_settings(row))
+    shape = StepShape(row.micro_batch, row.seq_len, False, False, weight_bytes=dtype.itemsize, compute_bytes=2,
+                      load_in_4bit=True, cuda=False)
+    estimated = check_estimate.step_bytes(step_parts(facts, shape))
+    assert abs(estimated / peak.bytes - 1) < 0.10, (estimated, peak.bytes)  # 0.2 too low before fp32 was counted

@@ -141,7 +141,7 @@ def test_full_disk_on_output_exits_2(tiny_model_dir):
 
 def test_output_that_cannot_be_opened_exits_2(tiny_model_dir, tmp_path, monkeypatch):
     # What a race or a permission the early check cannot see (root, ACLs, a read-only mount) ends in at open().
-    monkeypatch.setattr(gen, "check_output_file", lambda path: None)
+    monkeypatch.setattr(gen, "check_output_file", lambda path, prompt_file=None: None)
     target = tmp_path / "gone" / "answers.jsonl"
     assert_error(run(tiny_model_dir("llama"), "--prompt", "hello", "--output", target, *GREEDY),
                  f"Cannot write --output {target}")
@@ -171,3 +171,59 @@ def test_refused_pytorch_model_bin_names_the_file_and_the_conversion(tmp_path):
     subprocess.run([sys.executable, "-c", " ".join(command.split())], check=True, timeout=120)
     converted = run(folder, "--prompt", "hello", *GREEDY)
     assert converted.exit_code == 0, converted.output
+
+
+# --- refused before the model loads (a missing MODEL would be named otherwise) -------------------------------
+
+
+def test_an_empty_prompt_is_refused_before_the_model_loads(tmp_path):
+    result = run(tmp_path / "no-model", "--prompt", "  ", "--no-chat-template")
+    assert_error(result, "--prompt is empty; give the text to answer")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": ""}\n')
+    result = run(tmp_path / "no-model", "--prompt-file", prompts)
+    assert_error(result, f'{prompts} line 2 has an empty "prompt"')
+
+
+def test_a_prompt_without_tokens_stops_the_library_call(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    model, tokenizer = gen.load_for_generation(str(model_dir), device="cpu")
+    with pytest.raises(gen.UserError, match="The prompt is empty"):
+        gen.generate_text(model, tokenizer, "", chat_template=False, temperature=0, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--repetition-penalty", "nan", "--repetition-penalty must be a number > 0; 1 means none (got nan)"),
+    ("--repetition-penalty", "inf", "--repetition-penalty must be a number > 0; 1 means none (got inf)"),
+    ("--seed", "-1", "--seed must be between 0 and 4294967295 (got -1)"),
+    ("--seed", "99999999999999", "--seed must be between 0 and 4294967295 (got 99999999999999)"),
+    ("--temperature", "1e-40", "--temperature 1e-40 is too small to sample with (below 0.0001"),
+    ("--temperature", "nan", "--temperature must be a number >= 0; 0 means greedy (got nan)"),
+    ("--temperature", "inf", "--temperature must be a number >= 0; 0 means greedy (got inf)"),
+])
+def test_sampling_settings_out_of_range_are_refused_before_the_model_loads(tmp_path, option, value, fragment):
+    assert_error(run(tmp_path / "no-model", "--prompt", "hi", option, value), fragment)
+
+
+def test_the_smallest_sampling_temperature_still_samples(tiny_model_dir):
+    result = run(tiny_model_dir("llama"), "--prompt", "hi", "--temperature", "1e-4", "--seed", "4294967295",
+                 "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("how", ["same path", "other spelling", "symlink", "hard link"])
+def test_output_that_is_the_prompt_file_is_refused_and_the_prompts_survive(tmp_path, how):
+    import os
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is LoRA?\n")
+    output = {"same path": prompts, "other spelling": tmp_path / "sub" / ".." / "prompts.txt",
+              "symlink": tmp_path / "link.txt", "hard link": tmp_path / "hard.txt"}[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symlink":
+        output.symlink_to(prompts)
+    elif how == "hard link":
+        os.link(prompts, output)
+    assert_error(run(tmp_path / "no-model", "--prompt-file", prompts, "--output", output),
+                 "is the --prompt-file itself; writing the answers there would erase the prompts")
+    assert prompts.read_text() == "What is LoRA?\n"

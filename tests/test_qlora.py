@@ -382,3 +382,72 @@ def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path
 
     at_end, by_hand = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
     assert at_end.keys() == by_hand.keys() and all(torch.equal(at_end[k], by_hand[k]) for k in at_end)
+
+
+def test_a_4bit_base_in_the_other_half_type_than_the_precision_is_refused_before_loading(tmp_path, model_dir,
+                                                                                          monkeypatch):
+    """Linear4bit returns model.dtype (float16) under bf16 autocast, whose torch.cat then raised 'Unexpected
+    floating ScalarType in at::autocast::prioritize' mid-forward; refused up front, CPU and CUDA alike."""
+    from lora_cli.cli import train_app
+    from lora_cli.models import PrecisionChoice, check_4bit_dtype
+    from test_train import make_config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dtype mix-up was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    config = make_config(tmp_path, model_dir("llama"), model={"load_in_4bit": True, "dtype": "float16"},
+                         train={"precision": "bf16"})
+    result = CliRunner().invoke(train_app, [str(config)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "model.dtype=float16 with model.load_in_4bit cannot train in train.precision=bf16 (on CPU)" in text
+    assert "Set model.dtype=auto (or bfloat16, or float32" in text and "Traceback" not in text
+    t4 = PrecisionChoice("fp16", "cuda", "fp16 mixed precision")
+    with pytest.raises(UserError, match="model.dtype=bfloat16 with model.load_in_4bit cannot train in "
+                                        r"train.precision=fp16 \(on CUDA\).*or float16, or float32"):
+        check_4bit_dtype("bfloat16", True, t4)
+    for dtype, load_in_4bit, precision in [("float16", True, t4), ("float32", True, t4), ("auto", True, t4),
+                                           ("bfloat16", False, t4),
+                                           ("float16", True, PrecisionChoice("fp32", "cpu", "no GPU"))]:
+        check_4bit_dtype(dtype, load_in_4bit, precision)  # matching, fp32 parts, 16-bit base, no autocast: fine
+
+
+def test_a_qlora_run_on_gpt2_writes_fan_in_fan_out_true_and_the_adapter_is_the_same_model_everywhere(
+        tmp_path, model_dir):
+    """transformers turns GPT-2's Conv1D layers into Linear4bit (weight transposed); the adapter still describes
+    the Conv1D checkpoint, as a 16-bit run's does (it wrote false, which PEFT corrected with a warning)."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from lora_cli.cli import merge_app, train_app
+    from test_train import make_config
+
+    folder = model_dir("gpt2")
+    config = make_config(tmp_path, folder, model={"load_in_4bit": True}, train={"max_steps": 2})
+    result = CliRunner().invoke(train_app, [str(config)])
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "out"
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    trained = load_4bit(folder)
+    load_adapter(trained, adapter)
+    assert {type(layer.weight).__name__ for layer in lora_layers(trained).values()} == {"Params4bit"}
+    quantized_logits = logits(trained)
+    reference = dequantized_copy(folder, load_4bit(folder))  # the trained function, computed in fp32 on Conv1D
+    load_adapter(reference, adapter)
+    assert rel(logits(reference), quantized_logits) < 1e-4
+    assert rel(logits(reference), logits(dequantized_copy(folder, load_4bit(folder)))) > 1e-3  # B moved
+    # On the unquantized Conv1D base: lora-cli, PEFT (without its fan_in_fan_out correction) and lora-merge agree.
+    ours = load_base_model(str(folder))
+    load_adapter(ours, adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(load_base_model(str(folder)), adapter)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert rel(logits(theirs), logits(ours)) < 1e-5
+    merged = CliRunner().invoke(merge_app, [str(adapter), str(tmp_path / "merged"), "--dtype", "float32"])
+    assert merged.exit_code == 0, merged.output
+    assert rel(logits(load_base_model(str(tmp_path / "merged"))), logits(ours)) < 1e-4
+    # and the unquantized model is the trained one up to NF4's rounding of the base (as for the Llama adapter)
+    spread = ((logits(ours) - quantized_logits).pow(2).mean().sqrt() / quantized_logits.std()).item()
+    assert spread < 0.2

@@ -190,6 +190,28 @@ def test_wrong_typed_config_json_field_is_named(tiny_model_dir, tmp_path):
         assert str(base / "config.json") in message and "hidden_size" in message and "re-download" in message
 
 
+@pytest.mark.parametrize("field", ["num_attention_heads", "vocab_size"])
+def test_a_config_json_size_of_0_is_named_by_every_command(tiny_model_dir, tmp_path, field):
+    """num_attention_heads: 0 was a ZeroDivisionError traceback in lora-train (transformers' config check)."""
+    from typer.testing import CliRunner
+
+    from lora_cli.cli import train_app
+
+    base = copy_model(tiny_model_dir, tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, field: 0}))
+    expected = f"{base / 'config.json'} has sizes that describe no model ({field}: 0; each must be a positive number)"
+    for load in (load_tokenizer, load_base_model):
+        with pytest.raises(UserError) as err:
+            load(str(base))
+        assert expected in str(err.value)
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "config.yaml").write_text(f"model: {{name_or_path: {base}}}\ndata: {{path: {tmp_path / 'data.jsonl'}}}\n"
+                                          f"train: {{output_dir: {tmp_path / 'out'}}}\n")
+    result = CliRunner().invoke(train_app, [str(tmp_path / "config.yaml")])
+    assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
 def test_an_adapter_folder_given_as_the_base_says_what_to_give_instead(tmp_path):
     from lora_cli.models import check_source
 

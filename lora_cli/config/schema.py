@@ -83,6 +83,9 @@ class ModelSection(_Section):
         return self
 
 
+MAX_LORAPLUS_LR_RATIO = 1000.0
+
+
 class LoraSection(_Section):
     r: int = Field(8, gt=0)  # rank of the update matrices
     alpha: float = Field(16.0, gt=0)  # scale is alpha / r (alpha / sqrt(r) with use_rslora)
@@ -110,6 +113,20 @@ class LoraSection(_Section):
         raise PydanticCustomError(
             "target_modules", "must be a list of module names such as [q_proj, v_proj], a regex, or all-linear"
         )
+
+    @field_validator("loraplus_lr_ratio")
+    @classmethod
+    def _loraplus_ratio_in_reason(cls, value: float | None) -> float | None:
+        # B's learning rate is train.learning_rate x ratio. The LoRA+ paper recommends ~16 and its sweeps stay in
+        # the hundreds; far beyond, B's steps blow up the loss and the run stops on non-finite losses that seem to
+        # blame the learning rate. 1000 leaves room to experiment and catches typos (1e30, 16000 for 16).
+        if value is not None and value > MAX_LORAPLUS_LR_RATIO:
+            raise PydanticCustomError(
+                "loraplus_ratio",
+                f"must be at most {MAX_LORAPLUS_LR_RATIO:g}: lora_B's learning rate is train.learning_rate times this "
+                "ratio, so a huge one makes the loss diverge; the LoRA+ paper recommends about 16",
+            )
+        return value
 
     @field_validator("layers_to_transform", mode="before")
     @classmethod
