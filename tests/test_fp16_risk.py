@@ -61,6 +61,9 @@ def test_the_stop_message_names_the_family():
     message = nonfinite_message(10, T4, 2e-4, risk)
     assert "non-finite" in message and "Gemma 2" in message and message.endswith(risk)
     assert nonfinite_message(10, T4, 2e-4) == nonfinite_message(10, T4, 2e-4, None)
+    plus = " ".join(nonfinite_message(10, T4, 2e-4, None, 500).split())
+    assert "lower train.learning_rate (now 0.0002) or lora.loraplus_lr_ratio (now 500, so lora_B learns at 0.1)" in plus
+    assert "loraplus" not in nonfinite_message(10, T4, 2e-4)
 
 
 def test_lora_train_prints_the_warning_and_adds_it_to_the_stop_message(tmp_path, trainable_model_dir, monkeypatch):

@@ -187,7 +187,7 @@ def test_bad_input_exits_2(folders, tmp_path, case):
         args += ["--adapter", str(tmp_path / "nope")]
         expected = ("Adapter folder", "does not exist")
     elif case == "adapter-as-model":
-        args[0], expected = folders["adapter"], ("without config.json", "--adapter")
+        args[0], expected = folders["adapter"], ("is an adapter folder", "pass it with --adapter")
     elif case == "prompt-and-chat":
         args += ["--chat"]
         expected = ("exactly one of", "--prompt and --chat")

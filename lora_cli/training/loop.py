@@ -127,7 +127,8 @@ def _count_skipped(run: Run, progress, nonfinite_loss: bool) -> None:
         )
     if state.consecutive_skipped >= t.max_nonfinite_steps:
         raise UserError(nonfinite_message(state.consecutive_skipped, run.precision, t.learning_rate,
-                                          fp16_risk(run.model, run.precision, at_start=False)))
+                                          fp16_risk(run.model, run.precision, at_start=False),
+                                          run.cfg.lora.loraplus_lr_ratio))
 
 
 def _checkpoint_due(run: Run) -> bool:
@@ -200,7 +201,8 @@ def restore_best(run: Run) -> None:
             params[key].copy_(tensor)
 
 
-def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None) -> str:
+def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,
+                      loraplus_lr_ratio: float | None = None) -> str:
     hint = (
         "fp16 overflows easily: use train.precision=bf16 on a GPU that has it (compute capability >= 8.0) or "
         "train.precision=fp32, "
@@ -209,7 +211,9 @@ def nonfinite_message(count: int, precision, lr: float, model_risk: str | None =
     )
     return (
         f"{count} updates in a row were skipped (the loss was non-finite, NaN or inf, or the fp16 loss scaler found "
-        f"overflowing gradients), so training stopped. {hint}lower train.learning_rate (now {lr:g}), or keep "
-        "train.max_grad_norm set. Nothing was saved from this run beyond earlier checkpoints."
+        f"overflowing gradients), so training stopped. {hint}lower train.learning_rate (now {lr:g})"
+        + (f" or lora.loraplus_lr_ratio (now {loraplus_lr_ratio:g}, so lora_B learns at {lr * loraplus_lr_ratio:g})"
+           if loraplus_lr_ratio else "")
+        + ", or keep train.max_grad_norm set. Nothing was saved from this run beyond earlier checkpoints."
         + (f" Note: {model_risk}" if model_risk else "")
     )
