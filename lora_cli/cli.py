@@ -228,6 +228,7 @@ def generate_command(
 ) -> None:
     """Generate text with a model, optionally with a LoRA adapter."""
     from . import generate as gen
+    from . import generate_io
 
     modes = [name for name, given in (("--prompt", prompt is not None), ("--prompt-file", prompt_file is not None),
                                       ("--chat", chat)) if given]
@@ -239,15 +240,15 @@ def generate_command(
         gen.SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
         chat_template=not no_chat_template,
     )
-    prompts = gen.read_prompt_file(prompt_file) if prompt_file is not None else None
-    gen.check_prompt(prompt)
-    gen.check_output_file(output, prompt_file)
+    prompts = generate_io.read_prompt_file(prompt_file) if prompt_file is not None else None
+    generate_io.check_prompt(prompt)
+    generate_io.check_output_file(output, prompt_file)
     gen.generation_dtype(dtype, "cpu")  # only to validate --dtype before the (slow) model load
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,
                                             trust_remote_code=trust_remote_code, log=status, load_in_4bit=load_in_4bit)
-    with gen.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
-        record = (lambda p, r: gen.write_record(out_file, p, r)) if out_file is not None else None
+    with generate_io.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
+        record = (lambda p, r: generate_io.write_record(out_file, p, r)) if out_file is not None else None
         if chat:
             gen.chat_session(lm, tokenizer, sys.stdin, system=system, on_turn=record, **options)
         elif prompt_file is not None:  # JSONL to --output (answers stream to stdout), or JSONL alone to stdout

@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from .adapter import AdapterConfig, load_adapter, read_adapter_config, read_adapter_tensors
+from .adapter import load_adapter, read_adapter_tensors
+from .adapter_config import AdapterConfig, read_adapter_config
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
 from .models import check_source, load_base_model, load_tokenizer

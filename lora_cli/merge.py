@@ -17,9 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,12 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapter import read_adapter_config
-from .errors import ModelNotFound, Terminated, UserError
-from .fsutil import (atomic_dir, check_can_create, exclusive_lock, follow_link, is_disk_full, is_within,
-                     remove_stale_temp_dirs)
+from .adapter_config import read_adapter_config
+from .errors import ModelNotFound, UserError
+from .fsutil import (atomic_dir, follow_link)
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
+from . import merge_output
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
 from .model_files import weights_dtype
@@ -81,21 +78,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise UserError(f"--max-shard-size must be positive, got {size!r}.")
     return value
-
-
-def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = ()) -> None:
-    """Refuse an unusable output path before any expensive work (atomic_dir checks again when writing)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"Output path {output_dir} exists and is not a folder; choose another output path.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserError(f"Output folder {output_dir} already exists and is not empty; pass --overwrite to replace it.")
-    for other in protected:
-        if other.exists() and is_within(other, output_dir):
-            raise UserError(
-                f"Output folder {output_dir} would replace {other}, which the merge reads from; choose another "
-                "output folder."
-            )
-    check_can_create(output_dir, "the output folder")
 
 
 @torch.no_grad()
@@ -165,7 +147,7 @@ def save_merged(
         model.config.use_cache = True
     out_dir = follow_link(out_dir)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
-    with _write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with merge_output.write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
@@ -180,59 +162,6 @@ def _write_side_files(folder: Path, tokenizer, adapter_config: dict | None) -> N
         (folder / MERGED_ADAPTER_CONFIG_NAME).write_text(
             json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-
-
-@contextlib.contextmanager
-def _write_errors_reported(out_dir: Path, needed: int):
-    """A failed write of the merged model as one message (exit 2): safetensors and tokenizers report a full disk with
-    types of their own, in the system's words."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as err:
-        if isinstance(err, OSError) or is_disk_full(err):
-            raise write_error(out_dir, err, needed) from None
-        raise
-
-
-@contextlib.contextmanager
-def _remove_new_parents_on_failure(path: Path):
-    """The folders atomic_dir creates above `path` are removed again if the write fails."""
-    created, parent = [], path.parent
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
-    try:
-        yield
-    except BaseException:
-        for folder in created:  # deepest first; stops at the first one that is not empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
-def _free_bytes(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def write_error(out_dir: Path, err: Exception, needed: int) -> UserError:
-    """The message for a failed write (the partial output is already gone: atomic_dir removed it)."""
-    if is_disk_full(err, out_dir):
-        return UserError(
-            f"Not enough disk space for the merged model in {out_dir}: it needs about {_size(needed)} and "
-            f"{_size(_free_bytes(out_dir))} are free. Free some space or choose another output folder; nothing "
-            "was written."
-        )
-    return UserError(f"Writing the merged model to {out_dir} failed: {err}. Nothing was written.")
 
 
 def merge_adapter(
@@ -262,7 +191,7 @@ def merge_adapter(
     check_source(source.name_or_path, "--base" if base is not None else f"The base named in {adapter_dir}")
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
-    check_output_dir(output_dir, overwrite, protected)
+    merge_output.check_output_dir(output_dir, overwrite, protected)
     _refuse_quantized_base(source, adapter_dir, output_dir)
     if target_dtype is None:
         # config.json's dtype, else the stored weights' own (a config without `dtype` is common in hand-made or
@@ -270,7 +199,7 @@ def merge_adapter(
         target_dtype = (stored_dtype(base, source.revision, source.trust_remote_code)
                         or weights_dtype(base, source.revision) or torch.float32)
     result = MergeResult(output_dir, base, target_dtype)
-    with _output_guarded(output_dir, log):
+    with merge_output.output_guarded(output_dir, log):
         return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
                       overwrite, log)
 
@@ -319,43 +248,6 @@ def _refuse_quantized_base(source: ModelSource, adapter_dir: Path, output_dir: P
 
 
 @contextlib.contextmanager
-def _output_guarded(output_dir: Path, log: Callable[[str], None]):
-    """While merging into `output_dir`: no other lora-merge (or lora-train) writes it, the temporary folders a
-    killed merge left beside it are removed, and SIGTERM unwinds like Ctrl-C, so atomic_dir removes this merge's own
-    partial folder (an 8B merge leaves 16 GB). A lock rather than "remove temps whose owner is dead": atomic_dir's
-    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too."""
-    busy = (f"Output folder {output_dir} is being written by another lora-merge or lora-train (its lock "
-            f"{output_dir.parent / ('.' + output_dir.name + '.lock')} is held). Wait for it to finish, or choose "
-            "another output folder.")
-    with exclusive_lock(output_dir, busy) as locked, _sigterm_unwinds():
-        if locked:
-            for leftover in remove_stale_temp_dirs(output_dir):
-                log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
-        yield
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """SIGTERM (Colab/Kaggle ending a session, `kill`, a job scheduler) raises Terminated, Ctrl-C's path. Only where
-    nobody else handles SIGTERM (lora-train's merge_at_end runs under its own handler) and only in the main thread
-    (the only one that can set handlers). A repeated SIGTERM is ignored so that the cleanup itself finishes."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous not in (signal.SIG_DFL, None):
-        yield
-        return
-
-    def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adapter: bool):
     """A base that fails to load while its name came from the adapter: say where the name came from."""
     try:
@@ -374,13 +266,13 @@ def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adap
 def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,
                      log: Callable[[str], None]) -> MergeResult:
     output_dir, needed = result.output_dir, plan.total_bytes
-    if _free_bytes(output_dir) < needed:
-        raise write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+    if merge_output.free_bytes(output_dir) < needed:
+        raise merge_output.write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
     name = str(result.dtype).split(".")[1]
     log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
         f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
-    with (_write_errors_reported(output_dir, needed), _remove_new_parents_on_failure(output_dir),
-          atomic_dir(output_dir, overwrite=overwrite) as tmp):
+    with (merge_output.write_errors_reported(output_dir, needed),
+          merge_output.remove_new_parents_on_failure(output_dir), atomic_dir(output_dir, overwrite=overwrite) as tmp):
         write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
         _write_side_files(tmp, tokenizer, adapter_config)
     result.streamed, result.merged_tensors = True, len(plan.merged)

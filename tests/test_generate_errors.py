@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import amp_emulation
 import tiny
 from lora_cli import generate as gen
+from lora_cli import generate_io
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
 from lora_cli.inject import LoraSettings, apply_lora
@@ -141,7 +142,7 @@ def test_full_disk_on_output_exits_2(tiny_model_dir):
 
 def test_output_that_cannot_be_opened_exits_2(tiny_model_dir, tmp_path, monkeypatch):
     # What a race or a permission the early check cannot see (root, ACLs, a read-only mount) ends in at open().
-    monkeypatch.setattr(gen, "check_output_file", lambda path, prompt_file=None: None)
+    monkeypatch.setattr(generate_io, "check_output_file", lambda path, prompt_file=None: None)
     target = tmp_path / "gone" / "answers.jsonl"
     assert_error(run(tiny_model_dir("llama"), "--prompt", "hello", "--output", target, *GREEDY),
                  f"Cannot write --output {target}")
@@ -151,8 +152,8 @@ def test_output_file_may_live_in_a_folder_it_cannot_create_files_in(tmp_path, mo
     """An existing writable file is overwritten in place: its folder's permissions do not matter."""
     existing = tmp_path / "answers.jsonl"
     existing.write_text("")
-    monkeypatch.setattr(gen.os, "access", lambda path, mode: Path(path) == existing)
-    gen.check_output_file(existing)
+    monkeypatch.setattr(generate_io.os, "access", lambda path, mode: Path(path) == existing)
+    generate_io.check_output_file(existing)
 
 
 def test_refused_pytorch_model_bin_names_the_file_and_the_conversion(tmp_path):

@@ -31,7 +31,7 @@ def load_prompts(cfg) -> list[str]:
         return []
     if isinstance(value, list):
         return list(value)
-    from ..generate import read_prompt_file
+    from ..generate_io import read_prompt_file
 
     if not Path(value).is_file():
         raise UserError(

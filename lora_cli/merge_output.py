@@ -1,0 +1,119 @@
+"""Where lora-merge writes: the output folder checked before any slow work, guarded while the merge runs (a lock,
+a killed merge's leftovers removed, SIGTERM unwinding like Ctrl-C) and every failed write one message."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .errors import Terminated, UserError
+from .fsutil import check_can_create, exclusive_lock, is_disk_full, is_within, remove_stale_temp_dirs
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = ()) -> None:
+    """Refuse an unusable output path before any expensive work (atomic_dir checks again when writing)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"Output path {output_dir} exists and is not a folder; choose another output path.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UserError(f"Output folder {output_dir} already exists and is not empty; pass --overwrite to replace it.")
+    for other in protected:
+        if other.exists() and is_within(other, output_dir):
+            raise UserError(
+                f"Output folder {output_dir} would replace {other}, which the merge reads from; choose another "
+                "output folder."
+            )
+    check_can_create(output_dir, "the output folder")
+
+
+@contextlib.contextmanager
+def write_errors_reported(out_dir: Path, needed: int):
+    """A failed write of the merged model as one message (exit 2): safetensors and tokenizers report a full disk with
+    types of their own, in the system's words."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if isinstance(err, OSError) or is_disk_full(err):
+            raise write_error(out_dir, err, needed) from None
+        raise
+
+
+@contextlib.contextmanager
+def remove_new_parents_on_failure(path: Path):
+    """The folders atomic_dir creates above `path` are removed again if the write fails."""
+    created, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_error(out_dir: Path, err: Exception, needed: int) -> UserError:
+    """The message for a failed write (the partial output is already gone: atomic_dir removed it)."""
+    if is_disk_full(err, out_dir):
+        return UserError(
+            f"Not enough disk space for the merged model in {out_dir}: it needs about {_size(needed)} and "
+            f"{_size(free_bytes(out_dir))} are free. Free some space or choose another output folder; nothing "
+            "was written."
+        )
+    return UserError(f"Writing the merged model to {out_dir} failed: {err}. Nothing was written.")
+
+
+@contextlib.contextmanager
+def output_guarded(output_dir: Path, log: Callable[[str], None]):
+    """While merging into `output_dir`: no other lora-merge (or lora-train) writes it, the temporary folders a
+    killed merge left beside it are removed, and SIGTERM unwinds like Ctrl-C, so atomic_dir removes this merge's own
+    partial folder (an 8B merge leaves 16 GB). A lock rather than "remove temps whose owner is dead": atomic_dir's
+    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too."""
+    busy = (f"Output folder {output_dir} is being written by another lora-merge or lora-train (its lock "
+            f"{output_dir.parent / ('.' + output_dir.name + '.lock')} is held). Wait for it to finish, or choose "
+            "another output folder.")
+    with exclusive_lock(output_dir, busy) as locked, _sigterm_unwinds():
+        if locked:
+            for leftover in remove_stale_temp_dirs(output_dir):
+                log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (Colab/Kaggle ending a session, `kill`, a job scheduler) raises Terminated, Ctrl-C's path. Only where
+    nobody else handles SIGTERM (lora-train's merge_at_end runs under its own handler) and only in the main thread
+    (the only one that can set handlers). A repeated SIGTERM is ignored so that the cleanup itself finishes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
