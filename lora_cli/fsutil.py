@@ -120,44 +120,47 @@ def remove_stale_temp_dirs(path: Path) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path, busy: str) -> Iterator[bool]:
-    """Hold an exclusive lock on writing `path` (the file `.NAME.lock` beside it, the name lora-train locks its
-    output_dir with, so the two commands never write one folder at once). The kernel drops the lock when the process
-    ends, also by SIGKILL, so leftovers found while holding it are surely a dead writer's. Yields False where it
-    could not lock (no such folder yet, or a filesystem without locks): then no one may remove anything. A second
-    holder gets UserError(busy). The lock file is removed again on release."""
+def lock_path_of(path: Path) -> Path:
+    """`.NAME.lock` beside `path`: the one lock file lora-train and lora-merge both take before writing `path`."""
+    return path.with_name(temp_name(path) + "lock")
+
+
+def take_lock(path: Path):
+    """Lock writing `path` exclusively (non-blocking) through lock_path_of(path), and write this pid into it. The
+    kernel drops the lock when the process ends, also by SIGKILL, so leftovers found while holding it are surely a
+    dead writer's. Returns the open lock file (close it to release), or None on a filesystem without locks (some
+    network/FUSE mounts). Raises BlockingIOError while another process holds it. A holder may remove the file
+    before it releases the lock: a process that opened it just before then locks a deleted file, which guards
+    nothing, so every taker checks that the file it locked is still the one at that path, and retries if not."""
     import fcntl
 
-    lock_path = path.with_name(temp_name(path) + "lock")
-    if not lock_path.parent.is_dir():
-        yield False
-        return
+    lock_path = lock_path_of(path)
     while True:
         handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise UserError(busy) from None
-        except OSError:  # some network/FUSE mounts: no locks
+            raise
+        except OSError:
             handle.close()
-            yield False
-            return
-        # A holder that just released it also unlinked it: a lock taken on that old file guards nothing.
+            return None
         with contextlib.suppress(OSError):
             if os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino:
                 break
         handle.close()
-    try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield True
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def lock_holder(path: Path) -> str:
+    """What the lock file of `path` says about its holder ("pid N"), for the message of a refused second writer."""
+    with contextlib.suppress(OSError):
+        return lock_path_of(path).read_text(encoding="utf-8").strip() or "another process"
+    return "another process"
 
 
 # --- swapping folders ------------------------------------------------------------------------------------------

@@ -271,8 +271,7 @@ def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_c
     name = str(result.dtype).split(".")[1]
     log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
         f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
-    with (merge_output.write_errors_reported(output_dir, needed),
-          merge_output.remove_new_parents_on_failure(output_dir), atomic_dir(output_dir, overwrite=overwrite) as tmp):
+    with merge_output.write_errors_reported(output_dir, needed), atomic_dir(output_dir, overwrite=overwrite) as tmp:
         write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
         _write_side_files(tmp, tokenizer, adapter_config)
     result.streamed, result.merged_tensors = True, len(plan.merged)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import Terminated, UserError
-from .fsutil import check_can_create, exclusive_lock, is_disk_full, is_within, remove_stale_temp_dirs
+from .fsutil import (check_can_create, is_disk_full, is_within, lock_holder, lock_path_of, remove_stale_temp_dirs,
+                     take_lock)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = ()) -> None:
@@ -43,22 +44,24 @@ def write_errors_reported(out_dir: Path, needed: int):
         raise
 
 
-@contextlib.contextmanager
-def remove_new_parents_on_failure(path: Path):
-    """The folders atomic_dir creates above `path` are removed again if the write fails."""
-    created, parent = [], path.parent
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
-    try:
-        yield
-    except BaseException:
-        for folder in created:  # deepest first; stops at the first one that is not empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
+class NewParentFolders(contextlib.AbstractContextManager):
+    """The folders that do not exist yet above `path` (made later by the merge) are removed again, deepest first,
+    if the block fails; `folders` lists them."""
+
+    def __init__(self, path: Path):
+        self.folders, parent = [], path.parent
+        while not parent.exists() and parent != parent.parent:
+            self.folders.append(parent)
+            parent = parent.parent
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            for folder in self.folders:  # stops at the first one that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        return False
 
 
 def _size(n: int) -> str:
@@ -87,15 +90,34 @@ def output_guarded(output_dir: Path, log: Callable[[str], None]):
     """While merging into `output_dir`: no other lora-merge (or lora-train) writes it, the temporary folders a
     killed merge left beside it are removed, and SIGTERM unwinds like Ctrl-C, so atomic_dir removes this merge's own
     partial folder (an 8B merge leaves 16 GB). A lock rather than "remove temps whose owner is dead": atomic_dir's
-    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too."""
-    busy = (f"Output folder {output_dir} is being written by another lora-merge or lora-train (its lock "
-            f"{output_dir.parent / ('.' + output_dir.name + '.lock')} is held). Wait for it to finish, or choose "
-            "another output folder.")
-    with exclusive_lock(output_dir, busy) as locked, _sigterm_unwinds():
-        if locked:
-            for leftover in remove_stale_temp_dirs(output_dir):
-                log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
-        yield
+    names do not carry a pid, and a pid can be reused; the kernel drops a lock with its process, kill -9 too.
+
+    The folders above `output_dir` are created first, so that every merge can lock (one that could not, because its
+    parent did not exist yet, would write unlocked while a later one cleaned up its temporary folder); if the merge
+    fails, those it created are removed again. The lock file is removed when the merge ends, so none is left beside
+    the merged folder (or inside lora-train's output_dir for train.merge_at_end)."""
+    created = NewParentFolders(output_dir)
+    with created:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = take_lock(output_dir)
+        except BlockingIOError:
+            raise UserError(
+                f"Output folder {output_dir} is being written by another lora-merge or lora-train "
+                f"({lock_holder(output_dir)}; its lock is {lock_path_of(output_dir)}). Wait for it to finish, or "
+                "choose another output folder."
+            ) from None
+        try:
+            with _sigterm_unwinds():
+                if handle is not None:  # only a lock holder may remove anything
+                    for leftover in remove_stale_temp_dirs(output_dir):
+                        log(f"note: removed {leftover}, left by an interrupted merge into {output_dir}")
+                yield
+        finally:
+            if handle is not None:  # removed while still held (take_lock's check makes that safe), then released
+                with contextlib.suppress(OSError):
+                    lock_path_of(output_dir).unlink()
+                handle.close()
 
 
 @contextlib.contextmanager

@@ -223,7 +223,7 @@ def _plan(cfg: Config, out: Path, dry_run: bool, main: bool, say, accelerator,
             return StartPlan()
     outdir.check_location(out, cfg.model.name_or_path, data_paths)
     if main:  # the lock first: what recover removes is then surely left by a dead run
-        cleanup.callback(outdir.lock(out).close)
+        cleanup.callback(outdir.lock(out))
         outdir.recover(out, log=lambda m: say(m, markup=False))
     accelerator.wait_for_everyone()
     return plan_start(cfg, out, log=lambda m: say(m, markup=False))

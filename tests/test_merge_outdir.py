@@ -113,3 +113,76 @@ def test_after_sigkill_the_next_merge_removes_the_leftover_but_not_a_running_mer
     assert f"note: removed {work / running[0]}" in result.output
     assert hidden(work) == [".merged.notours.tmp"]  # ... and the next merge removed it (and only it)
     assert_close(logits(load(out)), logits(base_plus_adapter(base_dir, adapter)), 1e-4)
+
+
+# --- found by reviewing the lock: every merge locks, the lock file goes, takers check what they locked -------------
+
+
+def test_a_merge_into_a_new_nested_folder_locks_it_and_leaves_nothing_behind(tmp_path):
+    """Both merges lock, also when the folders above OUTPUT_DIR do not exist yet: before, the first ran unlocked and
+    a second one (which could lock, the parents existing by then) removed the first's live temporary folder."""
+    from lora_cli.errors import UserError
+    from lora_cli.fsutil import lock_path_of
+    from lora_cli.merge_output import output_guarded
+
+    out = tmp_path / "a" / "b" / "out"
+    with output_guarded(out, log=print):
+        assert lock_path_of(out).is_file()
+        with pytest.raises(UserError, match="being written by another lora-merge or lora-train"):
+            with output_guarded(out, log=print):
+                pass
+        out.mkdir()  # what the merge publishes
+    assert out.is_dir() and not lock_path_of(out).exists()  # no lock file left beside the result
+    failed = tmp_path / "c" / "d" / "out"
+    with pytest.raises(RuntimeError):
+        with output_guarded(failed, log=print):
+            raise RuntimeError("the merge failed")
+    assert not (tmp_path / "c").exists()  # the folders it made go with the failed merge, lock file and all
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_retaken_on_the_file_in_place(tmp_path, monkeypatch):
+    """A holder removes the lock file before releasing it; a process that had opened the file just before must not
+    hold a lock on the deleted file (guarding nothing, for lora-train as for lora-merge): it locks the file in place."""
+    import builtins
+
+    from lora_cli import fsutil
+
+    out = tmp_path / "out"
+    lock_path = fsutil.lock_path_of(out)
+    lock_path.write_text("pid 1\n")
+    opened_before_removal = open(lock_path, "a+")
+    lock_path.unlink()
+    real_open, handed = builtins.open, []
+
+    def open_once_stale(path, *args, **kwargs):
+        if not handed and Path(path) == lock_path:
+            handed.append(True)
+            return opened_before_removal
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_once_stale)
+    handle = fsutil.take_lock(out)
+    try:
+        assert handed and handle is not opened_before_removal
+        assert os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        assert lock_path.read_text() == f"pid {os.getpid()}\n"
+    finally:
+        handle.close()
+
+
+def test_a_copy_of_the_head_rounded_differently_from_the_loaded_base_is_the_same_head():
+    """PEFT saved the head's copy from a bf16 model; lora-generate loads the fp32-stored base in fp16 (a T4): two
+    roundings of the same weights, not a modified head. A head changed by more than rounding is still told apart."""
+    import torch
+
+    from lora_cli.adapter import same_values
+
+    torch.manual_seed(0)
+    head = torch.randn(300, 64) * 0.02
+    head[0, :4] = torch.tensor([1e-9, -3e-7, 0.7, 0.0])  # fp16 subnormals and zeros round differently
+    assert same_values(head.half(), head.bfloat16()) and same_values(head.bfloat16(), head.half())
+    assert same_values(head, head.bfloat16()) and same_values(head.half(), head)
+    modified = head.clone()
+    modified[250, 3] *= 1.05
+    assert not same_values(head.half(), modified.bfloat16(), rows_per_chunk=7)
+    assert not same_values(head, modified) and not same_values(head, head[:10])

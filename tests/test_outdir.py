@@ -139,13 +139,14 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path, trainable_model_dir):
     from lora_cli.training import outdir
 
     out = tmp_path / "out"
-    held = outdir.lock(out)
+    release = outdir.lock(out)
     try:
         result = invoke(make_config(tmp_path, trainable_model_dir("llama")))
         assert result.exit_code == 2
-        assert "in use by another lora-train run" in result.output and f"pid {os.getpid()}" in result.output
+        assert "in use by another lora-train run or lora-merge" in result.output
+        assert f"pid {os.getpid()}" in result.output
     finally:
-        held.close()
+        release()
 
 
 # --- found by an adversarial pass: what a run must leave alone, and where it must look ---------------------------
@@ -163,12 +164,12 @@ def test_a_second_run_leaves_a_running_jobs_temporary_folders_alone(tmp_path, tr
     for folder in running:
         folder.mkdir()
     config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 1})
-    held = outdir.lock(out)
+    release = outdir.lock(out)
     try:
         assert invoke(config).exit_code == 2
         assert all(folder.is_dir() for folder in running)
     finally:
-        held.close()
+        release()
     # The job that owned out is gone: the next run of out removes its leftovers, and only those.
     assert invoke(config).exit_code == 0
     assert not running[0].exists() and not running[1].exists()

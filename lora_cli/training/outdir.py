@@ -42,10 +42,12 @@ from ..fsutil import (
     follow_link,
     is_disk_full,
     link_tree,
+    lock_holder,
     make_temp_dir,
     recover_dir,
     replace_dir,
     sync_tree,
+    take_lock,
     temp_name,
 )
 from .checkpoint import PREFIX
@@ -123,31 +125,20 @@ def check_location(out: Path, model_path: str, data_paths: list[str]) -> None:
 # --- locking and leftovers -------------------------------------------------------------------------------------
 
 
-def lock(out: Path):
+def lock(out: Path) -> Callable[[], None]:
     """Hold an exclusive lock on output_dir for the run (released when the process ends, also by kill -9), so two
-    runs never write into one folder and the leftovers cleaned up at start are surely dead ones. The lock file lies
-    beside output_dir (`.<name>.lock`), since output_dir itself is swapped when the result is published."""
-    import fcntl
-
+    runs (or a run and a lora-merge) never write into one folder and the leftovers cleaned up at start are surely
+    dead ones. The lock file lies beside output_dir (`.<name>.lock`), since output_dir itself is swapped when the
+    result is published. Returns the function that releases it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(out.with_name(temp_name(out) + "lock"), "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle = take_lock(out)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
         raise UserError(
-            f"train.output_dir '{out}' is in use by another lora-train run ({holder}). Wait for it to finish, or "
-            "choose another train.output_dir."
+            f"train.output_dir '{out}' is in use by another lora-train run or lora-merge ({lock_holder(out)}). "
+            "Wait for it to finish, or choose another train.output_dir."
         ) from None
-    except OSError:  # a filesystem without locks (some network/FUSE mounts): run unlocked
-        pass
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
+    return handle.close if handle is not None else (lambda: None)  # no locks on this filesystem: run unlocked
 
 
 def recover(out: Path, log: Callable[[str], None]) -> None:
