@@ -104,7 +104,7 @@ _ATOMIC_DIR_TEMP = "[a-z0-9_]{8}" + re.escape(TMP_SUFFIX)
 
 def remove_stale_temp_dirs(path: Path) -> list[Path]:
     """Remove what atomic_dir(path) leaves when its process is killed (SIGKILL, a power cut): its hidden temporary
-    folders beside `path`, only under the exact names it makes. Call it only while holding `exclusive_lock(path)`,
+    folders beside `path`, only under the exact names it makes. Call it only while holding `take_lock(path)`,
     so that no live writer's folder is among them. After a kill between replace_dir's two renames `path` is gone
     and its previous, complete contents wait as `.NAME.replaced.old`: they are put back (the new folder cannot be
     told apart from a partial one). Returns the folders removed."""

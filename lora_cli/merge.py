@@ -24,12 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import merge_output
 from .adapter_config import read_adapter_config
 from .errors import ModelNotFound, UserError
-from .fsutil import (atomic_dir, follow_link)
+from .fsutil import atomic_dir, follow_link
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
-from . import merge_output
 from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
 from .model_files import weights_dtype
