@@ -171,8 +171,8 @@ def check_4bit_dtype(dtype_setting: str, load_in_4bit: bool, precision: Precisio
     raise UserError(
         f"model.dtype={dtype_setting} with model.load_in_4bit cannot train in train.precision={precision.precision} "
         f"(on {precision.device.upper()}): the 4-bit layers return {dtype_setting} tensors, which "
-        f"{precision.precision} autocast refuses to mix with its own half type. Set model.dtype=auto (or {matching}, or float32 for "
-        f"fp32 norms, embedding and head), or a train.precision that matches model.dtype."
+        f"{precision.precision} autocast refuses to mix with its own half type. Set model.dtype=auto (or {matching}, "
+        "or float32 for fp32 norms, embedding and head), or a train.precision that matches model.dtype."
     )
 
 
