@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -125,23 +125,25 @@ def lock_path_of(path: Path) -> Path:
     return path.with_name(temp_name(path) + "lock")
 
 
-def take_lock(path: Path):
+def take_lock(path: Path, busy: Callable[[str], str]):
     """Lock writing `path` exclusively (non-blocking) through lock_path_of(path), and write this pid into it. The
     kernel drops the lock when the process ends, also by SIGKILL, so leftovers found while holding it are surely a
     dead writer's. Returns the open lock file (close it to release), or None on a filesystem without locks (some
-    network/FUSE mounts). Raises BlockingIOError while another process holds it. A holder may remove the file
+    network/FUSE mounts). While another process holds it: UserError(busy(what the lock file says of its holder,
+    "pid N")). The folder above `path` is created first, to hold the lock file. A holder may remove the file
     before it releases the lock: a process that opened it just before then locks a deleted file, which guards
     nothing, so every taker checks that the file it locked is still the one at that path, and retries if not."""
     import fcntl
 
     lock_path = lock_path_of(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise
+            raise UserError(busy(_lock_holder(lock_path))) from None
         except OSError:
             handle.close()
             return None
@@ -156,10 +158,9 @@ def take_lock(path: Path):
     return handle
 
 
-def lock_holder(path: Path) -> str:
-    """What the lock file of `path` says about its holder ("pid N"), for the message of a refused second writer."""
+def _lock_holder(lock_path: Path) -> str:
     with contextlib.suppress(OSError):
-        return lock_path_of(path).read_text(encoding="utf-8").strip() or "another process"
+        return lock_path.read_text(encoding="utf-8").strip() or "another process"
     return "another process"
 
 

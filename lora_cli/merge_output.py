@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import Terminated, UserError
-from .fsutil import (check_can_create, is_disk_full, is_within, lock_holder, lock_path_of, remove_stale_temp_dirs,
+from .fsutil import (check_can_create, is_disk_full, is_within, lock_path_of, remove_stale_temp_dirs,
                      take_lock)
 
 
@@ -98,15 +98,9 @@ def output_guarded(output_dir: Path, log: Callable[[str], None]):
     the merged folder (or inside lora-train's output_dir for train.merge_at_end)."""
     created = NewParentFolders(output_dir)
     with created:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = take_lock(output_dir)
-        except BlockingIOError:
-            raise UserError(
-                f"Output folder {output_dir} is being written by another lora-merge or lora-train "
-                f"({lock_holder(output_dir)}; its lock is {lock_path_of(output_dir)}). Wait for it to finish, or "
-                "choose another output folder."
-            ) from None
+        handle = take_lock(output_dir, lambda holder: (
+            f"Output folder {output_dir} is being written by another lora-merge or lora-train ({holder}; its lock "
+            f"is {lock_path_of(output_dir)}). Wait for it to finish, or choose another output folder."))
         try:
             with _sigterm_unwinds():
                 if handle is not None:  # only a lock holder may remove anything

@@ -161,7 +161,7 @@ def test_a_lock_taken_on_a_removed_lock_file_is_retaken_on_the_file_in_place(tmp
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", open_once_stale)
-    handle = fsutil.take_lock(out)
+    handle = fsutil.take_lock(out, busy=str)
     try:
         assert handed and handle is not opened_before_removal
         assert os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino

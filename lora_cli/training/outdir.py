@@ -42,7 +42,6 @@ from ..fsutil import (
     follow_link,
     is_disk_full,
     link_tree,
-    lock_holder,
     make_temp_dir,
     recover_dir,
     replace_dir,
@@ -130,14 +129,9 @@ def lock(out: Path) -> Callable[[], None]:
     runs (or a run and a lora-merge) never write into one folder and the leftovers cleaned up at start are surely
     dead ones. The lock file lies beside output_dir (`.<name>.lock`), since output_dir itself is swapped when the
     result is published. Returns the function that releases it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        handle = take_lock(out)
-    except BlockingIOError:
-        raise UserError(
-            f"train.output_dir '{out}' is in use by another lora-train run or lora-merge ({lock_holder(out)}). "
-            "Wait for it to finish, or choose another train.output_dir."
-        ) from None
+    handle = take_lock(out, lambda holder: f"train.output_dir '{out}' is in use by another lora-train run or "
+                                           f"lora-merge ({holder}). Wait for it to finish, or choose another "
+                                           "train.output_dir.")
     return handle.close if handle is not None else (lambda: None)  # no locks on this filesystem: run unlocked
 
 
