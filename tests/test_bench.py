@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,40 @@ import amp_emulation
 from lora_cli import data as data_lib
 
 
-@pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench_under_test", path)
+def load_bench(name: str = "bench_under_test"):
+    """scripts/bench.py as a module (it is a script, not part of the package), with scripts/ importable as when it
+    runs as a script: it imports memprofile from there (without this, the tests passed only after another file
+    had put scripts/ on sys.path)."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    path = scripts / "bench.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def fixed_child_args(bench, tool: str, precision: str, seq_len: int, model_dir: Path, tmp_path: Path, monkeypatch,
+                     text_repeats: int = 3):
+    """The arguments of one bench child run on the fixed workload (3 measured steps of micro batch 2, after 1), with
+    its data written: 32 rows of a sentence repeated `text_repeats` times, longer than `seq_len` tokens."""
+    # The lora-cli child wraps lora_cli.data's collate functions to count batches: undone after the test.
+    monkeypatch.setattr(data_lib, "collate", data_lib.collate)
+    monkeypatch.setattr(data_lib, "collate_packed", data_lib.collate_packed)
+    data = tmp_path / "fixed.jsonl"
+    text = " ".join(["the lighthouse of quillhaven is painted green"] * text_repeats)
+    data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
+    return bench.build_parser().parse_args([
+        "--child", tool, "--workload", "fixed", "--data", str(data), "--result", str(tmp_path / "result.json"),
+        "--model", str(model_dir), "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len",
+        str(seq_len), "--max-length", "64", "--r", "4", "--alpha", "8", "--precision", precision,
+    ])
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench()
 
 
 def test_measured_steps_take_the_batches_collated_between_their_ends(bench):
@@ -44,17 +72,7 @@ def test_fp16_child_run_with_skipped_steps_times_every_batch(bench, tool, tiny_m
     """Under emulated fp16 AMP with an initial loss scale of 2^22 the scaler skips every step of this tiny run:
     the child must still time all of them, against their batches, and say how many were skipped."""
     pytest.importorskip("peft")
-    # The lora-cli child wraps lora_cli.data's collate functions to count batches: undone after the test.
-    monkeypatch.setattr(data_lib, "collate", data_lib.collate)
-    monkeypatch.setattr(data_lib, "collate_packed", data_lib.collate_packed)
-    data = tmp_path / "fixed.jsonl"
-    text = " ".join(["the lighthouse of quillhaven is painted green"] * 3)
-    data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
-    args = bench.build_parser().parse_args([
-        "--child", tool, "--workload", "fixed", "--data", str(data), "--result", str(tmp_path / "result.json"),
-        "--model", str(tiny_model_dir("llama")), "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len",
-        "16", "--max-length", "64", "--r", "4", "--alpha", "8", "--precision", "fp16",
-    ])
+    args = fixed_child_args(bench, tool, "fp16", 16, tiny_model_dir("llama"), tmp_path, monkeypatch)
     with amp_emulation.emulated_fp16(init_scale=2.0**22):
         bench.run_child(args)
     result = json.loads(Path(args.result).read_text())

@@ -505,12 +505,9 @@ def test_merge_at_end_on_cuda_matches_lora_merge_on_cpu(tmp_path, trainable_mode
 
 @pytest.fixture(scope="module")
 def bench_module():
-    import importlib.util
+    from test_bench import load_bench
 
-    spec = importlib.util.spec_from_file_location("bench_on_gpu", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_on_gpu")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -518,21 +515,12 @@ def bench_module():
 def test_bench_child_run_on_cuda(bench_module, tool, precision, tmp_path, tiny_model_dir, monkeypatch):
     """One measured bench run per tool and precision, in this process (seconds): every step timed with its batch,
     skipped steps reported (fp16 starts at a loss scale of 2^16)."""
-
-    from lora_cli import data as data_lib
+    from test_bench import fixed_child_args
 
     if tool == "peft":
         pytest.importorskip("peft")
-    monkeypatch.setattr(data_lib, "collate", data_lib.collate)  # the lora-cli child wraps them; undone after
-    monkeypatch.setattr(data_lib, "collate_packed", data_lib.collate_packed)
-    data = tmp_path / "fixed.jsonl"
-    text = " ".join(["the lighthouse of quillhaven is painted green"] * 4)
-    data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
-    args = bench_module.build_parser().parse_args([
-        "--child", tool, "--workload", "fixed", "--data", str(data), "--result", str(tmp_path / "result.json"),
-        "--model", str(tiny_model_dir("llama")), "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len",
-        "32", "--max-length", "64", "--r", "4", "--alpha", "8", "--precision", precision,
-    ])
+    args = fixed_child_args(bench_module, tool, precision, 32, tiny_model_dir("llama"), tmp_path, monkeypatch,
+                            text_repeats=4)
     bench_module.run_child(args)
     result = json.loads(Path(args.result).read_text())
     assert len(result["step_seconds"]) == 3 and result["seconds"] > 0
