@@ -180,18 +180,37 @@ def merge_command(
         None, "--revision", help="Hub branch, tag or commit of the base. Default: the adapter's revision."
     ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    gguf: Optional[str] = typer.Option(
+        None, "--gguf", metavar="TYPE", help="Also write OUTPUT_DIR/<OUTPUT_DIR name>-TYPE.gguf for llama.cpp, Ollama "
+        "and LM Studio: f32 | f16 | bf16 | q8_0 | q4_0 (K-quants: run llama.cpp's llama-quantize on the f16 file).",
+    ),
+    gguf_only: bool = typer.Option(False, "--gguf-only", help="With --gguf: write only the GGUF, no safetensors."),
+    ollama: bool = typer.Option(False, "--ollama", help="With --gguf: also write an Ollama Modelfile beside it."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Merge a LoRA adapter into its base model and write a plain transformers model folder."""
+    """Merge a LoRA adapter into its base model and write a plain transformers model folder (and/or a GGUF file)."""
     from .merge import merge_adapter
 
     console = Console(highlight=False, soft_wrap=True)
     result = merge_adapter(
         adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify_logits=verify_logits,
         overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
-        log=lambda message: console.print(message, markup=False),
+        log=lambda message: console.print(message, markup=False), gguf=gguf, gguf_only=gguf_only, ollama=ollama,
     )
-    console.print(Text(f"merged model saved to {result.output_dir}", style="green"))
+    if result.gguf is None or not gguf_only:
+        console.print(Text(f"merged model saved to {result.output_dir}", style="green"))
+    if result.gguf is not None:
+        _print_gguf_usage(console, result.gguf.path, ollama)
+
+
+def _print_gguf_usage(console: Console, path: Path, ollama: bool) -> None:
+    console.print(Text(f"GGUF saved to {path}", style="green"))
+    console.print(Text(f"  llama.cpp: llama-cli -m {shlex.quote(str(path))} -cnv"), markup=False)
+    if ollama:
+        modelfile = path.parent / "Modelfile"
+        name = path.stem.lower()
+        console.print(Text(f"  Ollama:    ollama create {name} -f {shlex.quote(str(modelfile))} && ollama run {name}"),
+                      markup=False)
 
 
 # --- lora-generate -------------------------------------------------------------------------------------------

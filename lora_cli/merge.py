@@ -27,10 +27,11 @@ from torch import nn
 from . import merge_output
 from .adapter_config import read_adapter_config
 from .errors import ModelNotFound, UserError
+from .export import GgufRequest, plan_source
 from .fsutil import atomic_dir, follow_link
 from .inject import lora_layers, merge_lora
 from .loading import ModelSource, base_source_of_adapter, load_model
-from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
+from .merge_stream import PROBE_TOLERANCE, StreamPlan, merged_tensors, plan_streaming, write_merged
 from .merge_verify import LogitsCheck, VerifyCheck
 from .model_files import weights_dtype
 from .models import check_source, load_tokenizer, parse_dtype, stored_dtype
@@ -50,6 +51,7 @@ class MergeResult:
     streamed: bool = False  # merged shard by shard (the low-RAM path)
     merged_tensors: int = 0  # weights the adapter changed (streamed path)
     largest_merge_error: float | None = None  # of the per-tensor check, relative (streamed path)
+    gguf: object | None = None  # export.GgufWritten, with --gguf
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -128,11 +130,13 @@ def save_merged(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
     adapter_config: dict | None = None,
+    after_write: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write an already merged model as a plain transformers folder, atomically.
 
     Casts once to `dtype` (if given), then writes sharded safetensors (+ index when sharded), config.json,
-    generation_config.json, the tokenizer, and the adapter's config as `lora_adapter_config.json`.
+    generation_config.json, the tokenizer, and the adapter's config as `lora_adapter_config.json`; then
+    `after_write(temporary folder)` (the GGUF export) before the folder is published.
     """
     if lora_layers(model):
         raise UserError("The model still has LoRA layers; merge them (inject.merge_lora) before saving it merged.")
@@ -152,6 +156,8 @@ def save_merged(
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
         _write_side_files(tmp, tokenizer, adapter_config)
+        if after_write is not None:
+            after_write(tmp)
     return out_dir
 
 
@@ -176,10 +182,16 @@ def merge_adapter(
     revision: str | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
+    gguf: str | None = None,
+    gguf_only: bool = False,
+    ollama: bool = False,
 ) -> MergeResult:
     """Merge the adapter into its base and write `output_dir`: shard by shard, or in memory where the base needs
-    it or `verify_logits` asks for the whole-model logits check."""
+    it or `verify_logits` asks for the whole-model logits check. `gguf` (a type: f32, f16, bf16, q8_0, q4_0) adds
+    `<output folder name>-<type>.gguf` to it (`gguf_only`: instead of the safetensors files; `ollama`: and a
+    Modelfile)."""
     log = log or (lambda message: None)
+    export = GgufRequest.from_options(gguf, gguf_only, ollama)  # a bad type fails before anything loads
     adapter_dir, output_dir = Path(adapter_dir), follow_link(output_dir)  # a link to a Drive folder: write there
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
@@ -193,6 +205,9 @@ def merge_adapter(
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
     merge_output.check_output_dir(output_dir, overwrite, protected)
     _refuse_quantized_base(source, adapter_dir, output_dir)
+    if export is not None:
+        with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
+            _check_exportable(export, source, adapter_dir)
     if target_dtype is None:
         # config.json's dtype, else the stored weights' own (a config without `dtype` is common in hand-made or
         # older bf16 checkpoints; float32 would double their size)
@@ -200,23 +215,40 @@ def merge_adapter(
                         or weights_dtype(base, source.revision) or torch.float32)
     result = MergeResult(output_dir, base, target_dtype)
     with merge_output.output_guarded(output_dir, log):
-        return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
-                      overwrite, log)
+        result = _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
+                        overwrite, log, export)
+    result.gguf = export.written if export is not None else None
+    return result
 
 
 def _merge(result: MergeResult, source: ModelSource, adapter_dir: Path, adapter_config: dict, named_by_adapter: bool,
-           shard_bytes: int, verify_logits: bool, overwrite: bool, log: Callable[[str], None]) -> MergeResult:
+           shard_bytes: int, verify_logits: bool, overwrite: bool, log: Callable[[str], None],
+           export: GgufRequest | None) -> MergeResult:
     base, target_dtype = source.name_or_path, result.dtype
     if not verify_logits:
         with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):  # a missing base fails here
             tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)
         plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
         if isinstance(plan, StreamPlan):
-            return _merge_streaming(plan, tokenizer, result, adapter_config, overwrite, log)
+            return _merge_streaming(plan, tokenizer, result, adapter_config, overwrite, log, export)
         log(f"note: {plan}, so the merge runs in memory (about 4 bytes of RAM per parameter)")
     with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):
         return _merge_in_memory(source, adapter_dir, result, adapter_config, shard_bytes, verify_logits, overwrite,
-                                log)
+                                log, export)
+
+
+def _check_exportable(export: GgufRequest, source: ModelSource, adapter_dir: Path) -> None:
+    """--gguf: an architecture or tokenizer the export cannot write is refused before any merging."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
+                                            trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError, KeyError):  # loading the base later says what is wrong
+        return
+    tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
+    base_folder = Path(source.name_or_path) if Path(source.name_or_path).is_dir() else None
+    export.check(config, tokenizer, (adapter_dir, base_folder))
 
 
 def _refuse_quantized_base(source: ModelSource, adapter_dir: Path, output_dir: Path) -> None:
@@ -264,7 +296,7 @@ def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adap
 
 
 def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,
-                     log: Callable[[str], None]) -> MergeResult:
+                     log: Callable[[str], None], export: GgufRequest | None) -> MergeResult:
     output_dir, needed = result.output_dir, plan.total_bytes
     if merge_output.free_bytes(output_dir) < needed:
         raise merge_output.write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
@@ -272,8 +304,13 @@ def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_c
     log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
         f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
     with merge_output.write_errors_reported(output_dir, needed), atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
-        _write_side_files(tmp, tokenizer, adapter_config)
+        if export is not None and export.only:  # each tensor merged, checked and converted straight into the GGUF
+            export.export(tmp, output_dir, plan_source(*merged_tensors(plan)), plan.config, tokenizer, log)
+        else:
+            write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
+            _write_side_files(tmp, tokenizer, adapter_config)
+            if export is not None:
+                export.export_folder(tmp, output_dir, plan.config, tokenizer, log)
     result.streamed, result.merged_tensors = True, len(plan.merged)
     result.largest_merge_error = plan.largest_relative_error
     log(f"verify: {len(plan.merged)} merged weights reproduce W x + scaling B A x (largest relative difference "
@@ -282,7 +319,8 @@ def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_c
 
 
 def _merge_in_memory(source: ModelSource, adapter_dir: Path, result: MergeResult, adapter_config: dict,
-                     shard_bytes: int, verify: bool, overwrite: bool, log: Callable[[str], None]) -> MergeResult:
+                     shard_bytes: int, verify: bool, overwrite: bool, log: Callable[[str], None],
+                     export: GgufRequest | None) -> MergeResult:
     """Load base (fp32, CPU) + adapter, verify the logits if asked, merge in place, cast once, write."""
     loaded = load_model(source, dtype=torch.float32, adapter_dir=adapter_dir, log=log)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -295,6 +333,9 @@ def _merge_in_memory(source: ModelSource, adapter_dir: Path, result: MergeResult
         result.checks = check.after_merge(model, target_dtype, log)
 
     log(f"writing {output_dir} ({str(target_dtype).split('.')[1]})")
+    after_write = None
+    if export is not None:  # from the folder just written; --gguf-only removes the folder's other files after
+        after_write = lambda tmp: export.export_folder(tmp, output_dir, model.config, tokenizer, log)  # noqa: E731
     save_merged(model, tokenizer, output_dir, overwrite=overwrite, dtype=target_dtype,
-                max_shard_size=shard_bytes, adapter_config=adapter_config)
+                max_shard_size=shard_bytes, adapter_config=adapter_config, after_write=after_write)
     return result

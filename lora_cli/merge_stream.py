@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -224,6 +225,12 @@ def write_merged(plan: StreamPlan, folder: Path) -> None:
     config.save_pretrained(folder)
     if plan.generation_config is not None:
         plan.generation_config.save_pretrained(folder)
+
+
+def merged_tensors(plan: StreamPlan) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """The output tensors' shapes, and a function making any one of them (merged and checked as write_merged does),
+    for writers of other formats (lora-merge --gguf-only)."""
+    return {key: shape for key, (_, shape) in plan.entries.items()}, lambda key: _produce(plan, key)
 
 
 @torch.no_grad()

@@ -69,6 +69,7 @@ class GgufRequest:
         meta = self._tokenizer_meta(tokenizer, config, folder)
         self.written = write_gguf(folder / name, source, config, meta, self.gtype, Path(output_dir).name, log)
         log(f"wrote {name}: {self.written.bytes / 2**20:,.1f} MB in {self.written.seconds:.1f} s")
+        self.written.path = Path(output_dir) / name  # where it will be once the folder is published
         if self.ollama:
             result = write_modelfile(folder, name, tokenizer, meta.add_bos)
             self.modelfile_warning = result.warning
@@ -80,7 +81,7 @@ class GgufRequest:
         """From the merged model just written into `folder`; with --gguf-only, the merged files are removed after."""
         self.export(folder, output_dir, folder_source(folder), config, tokenizer, log)
         if self.only:
-            keep = {self.written.path.name, MODELFILE_NAME}
+            keep = {self.written.path.name, MODELFILE_NAME}  # the GGUF and the Modelfile
             for entry in list(folder.iterdir()):
                 if entry.name not in keep:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
