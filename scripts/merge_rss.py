@@ -4,6 +4,7 @@
     python scripts/merge_rss.py --build /tmp/merge-rss        # once: base (bf16, 500 MB shards) + adapter
     python scripts/merge_rss.py --measure /tmp/merge-rss      # lora-merge under /usr/bin/time -v
     python scripts/merge_rss.py --measure /tmp/merge-rss --code /tmp/old   # another checkout's lora_cli (before)
+    python scripts/merge_rss.py --measure /tmp/merge-rss -- --gguf q8_0 --gguf-only   # the GGUF export
     rm -rf /tmp/merge-rss
 
 The base has Llama-3.2-1B's shape (hidden 2048, 16 layers, 32/8 heads, SwiGLU 8192, 128,256 vocabulary, tied
@@ -59,13 +60,23 @@ def build(folder: Path) -> None:
           f"parameters, shards: " + ", ".join(f"{p.stat().st_size / 1e6:.0f} MB" for p in shards))
 
 
-def _max_rss_kb(command: list[str], env: dict) -> tuple[int, str]:
+def _wall_seconds(stderr: str) -> float:
+    """/usr/bin/time's "Elapsed (wall clock) time": h:mm:ss or m:ss.ss."""
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", stderr).group(1)
+    seconds = 0.0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
+def _max_rss_kb(command: list[str], env: dict) -> tuple[int, str, float]:
     # Run from the code's folder: `python -m` puts the working folder first on sys.path, before PYTHONPATH.
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env,
                           cwd=env["PYTHONPATH"])
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(command)}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)), proc.stdout
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return peak_kb, proc.stdout, _wall_seconds(proc.stderr)
 
 
 def measure(folder: Path, code: Path | None, extra: list[str]) -> dict:
@@ -73,18 +84,20 @@ def measure(folder: Path, code: Path | None, extra: list[str]) -> dict:
     env["PYTHONPATH"] = str(code or REPO)
     out = folder / "merged"
     shutil.rmtree(out, ignore_errors=True)
-    baseline_kb, _ = _max_rss_kb([sys.executable, "-c", "import torch, transformers, safetensors, lora_cli.cli, "
+    baseline_kb, _, _ = _max_rss_kb([sys.executable, "-c", "import torch, transformers, safetensors, lora_cli.cli, "
                                   "lora_cli.merge, lora_cli.models; transformers.AutoModelForCausalLM"], env)
-    peak_kb, stdout = _max_rss_kb([sys.executable, "-m", "lora_cli", "merge", str(folder / "adapter"), str(out),
-                                   "--max-shard-size", "500MB", *extra], env)
+    command = [sys.executable, "-m", "lora_cli", "merge", str(folder / "adapter"), str(out), "--max-shard-size",
+               "500MB", *extra]
+    peak_kb, stdout, seconds = _max_rss_kb(command, env)
     largest_base = max(p.stat().st_size for p in (folder / "base").glob("*.safetensors"))
-    largest_out = max(p.stat().st_size for p in out.glob("*.safetensors"))
+    largest_out = max((p.stat().st_size for p in out.glob("*.safetensors")), default=0)
+    gguf = {p.name: p.stat().st_size / 2**20 for p in out.glob("*.gguf")}
     shutil.rmtree(out)
     check = subprocess.run([sys.executable, "-c", "import lora_cli; print(lora_cli.__file__)"], capture_output=True,
                            text=True, env=env, cwd=env["PYTHONPATH"]).stdout.strip()
     result = {"code": check, "extra": extra, "peak_rss_mb": peak_kb / 1024, "baseline_rss_mb":
               baseline_kb / 1024, "largest_base_shard_mb": largest_base / 2**20,
-              "largest_output_shard_mb": largest_out / 2**20}
+              "largest_output_shard_mb": largest_out / 2**20, "wall_seconds": seconds, "gguf_mb": gguf}
     result["above_baseline_in_largest_shards"] = (peak_kb * 1024 - baseline_kb * 1024) / largest_base
     print(json.dumps(result, indent=2))
     print(stdout.strip().splitlines()[-1] if stdout.strip() else "")

@@ -339,3 +339,56 @@ def test_sigkill_mid_export_leaves_no_gguf_and_the_next_run_succeeds(adapters, t
     assert "note: removed" in result.output
     assert sorted(p.name for p in work.iterdir()) == ["merged"]
     assert (out / "merged-q8_0.gguf").is_file()
+
+
+def _sentencepiece_base(folder: Path) -> Path:
+    """A tiny llama whose tokenizer is SentencePiece-style BPE (▁ for spaces, byte fallback) with its pieces in a
+    tokenizer.model, as Llama 2 and Mistral ship them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    backend.train_from_iterator(tiny._CORPUS * 20, trainers.BpeTrainer(vocab_size=tiny.VOCAB, special_tokens=specials,
+                                                                       show_progress=False))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    model = tiny.make_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    proto = import_protobuf().ModelProto()
+    proto.trainer_spec.model_type = 2  # BPE
+    by_id = {i: token for token, i in backend.get_vocab().items()}
+    for i in range(len(by_id)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = by_id[i], -float(i)
+        piece.type = 2 if i == 0 else 3 if i in (1, 2) else 6 if by_id[i].startswith("<0x") else 1
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return folder
+
+
+def test_sentencepiece_vocabulary_from_tokenizer_model(tmp_path):
+    base = _sentencepiece_base(tmp_path / "base")
+    adapter = make_our_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "spm"
+    result = merge(adapter, out, "--gguf", "f32")
+    assert result.exit_code == 0, result.output
+    gguf = reader(out / "spm-f32.gguf")
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((base / "tokenizer.model").read_bytes())
+    assert field(gguf, "tokenizer.ggml.model") == "llama" and field(gguf, "tokenizer.ggml.pre") == "default"
+    assert field(gguf, "tokenizer.ggml.tokens") == [p.piece for p in proto.pieces]
+    assert field(gguf, "tokenizer.ggml.scores") == [p.score for p in proto.pieces]
+    assert field(gguf, "tokenizer.ggml.token_type") == [p.type for p in proto.pieces]
+    assert field(gguf, "tokenizer.ggml.bos_token_id") == 1 and field(gguf, "tokenizer.ggml.eos_token_id") == 2
+    assert torch.equal(logits(gguf_model(out / "spm-f32.gguf")), logits(load(out)))
+    original, loaded = transformers.AutoTokenizer.from_pretrained(base), gguf_tokenizer(out / "spm-f32.gguf")
+    for text in ["Quillhaven is a small harbour town.", "The quick brown fox jumps over the lazy dog. 123"]:
+        assert loaded(text)["input_ids"] == original(text)["input_ids"], text
