@@ -392,3 +392,18 @@ def test_sentencepiece_vocabulary_from_tokenizer_model(tmp_path):
     original, loaded = transformers.AutoTokenizer.from_pretrained(base), gguf_tokenizer(out / "spm-f32.gguf")
     for text in ["Quillhaven is a small harbour town.", "The quick brown fox jumps over the lazy dog. 123"]:
         assert loaded(text)["input_ids"] == original(text)["input_ids"], text
+
+
+def test_a_weight_beyond_float16_is_refused_for_f16_with_nothing_written(tmp_path):
+    model = tiny.make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5  # fine in the merged fp32 folder, inf in float16
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tiny.make_tokenizer().save_pretrained(base)
+    adapter = make_our_adapter(base, tmp_path / "adapter")
+    for flags in (["--gguf", "f16"], ["--gguf", "f16", "--gguf-only"]):
+        assert_error(merge(adapter, tmp_path / "o", *flags), "model.layers.1.mlp.down_proj.weight",
+                     "float16's range", "--gguf bf16 or f32")
+        assert not (tmp_path / "o").exists()
+    assert merge(adapter, tmp_path / "o", "--gguf", "bf16").exit_code == 0

@@ -93,7 +93,8 @@ def convert(tensor: torch.Tensor, ggml_type, name: str) -> np.ndarray:
     rows_in, rows_out = tensor.reshape(-1, tensor.shape[-1]), out.reshape(-1, shape[-1])
     for start in range(0, rows_in.shape[0], ROWS_PER_CHUNK):
         chunk = rows_in[start : start + ROWS_PER_CHUNK].float().numpy()
-        converted = quantize(chunk, ggml_type)
+        with np.errstate(over="ignore"):  # an overflow is reported below, by name
+            converted = quantize(chunk, ggml_type)
         if converted.dtype == np.float16 and not np.isfinite(converted).all():
             raise UserError(f"--gguf: {name} has values beyond float16's range (|x| > 65504) that would be written "
                             "as inf; nothing was written. Use --gguf bf16 or f32.")
