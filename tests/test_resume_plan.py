@@ -116,3 +116,19 @@ def test_an_explicit_checkpoint_must_not_mix_into_another_runs_folder():
     assert decide(cfg, folder(), explicit=elsewhere)[0] == "resume"
     damaged = replace(elsewhere, problem="it lacks optimizer.pt")
     assert "cannot be resumed from: it lacks optimizer.pt" in decide(cfg, folder(), explicit=damaged)[1]
+
+
+def test_a_dry_run_says_what_a_real_run_would_refuse(tmp_path, trainable_model_dir):
+    from typer.testing import CliRunner
+
+    from lora_cli.cli import train_app
+    from test_train import make_config
+
+    config = make_config(tmp_path, trainable_model_dir("llama"))
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)  # an interrupted run's (incomplete) checkpoint
+    result = CliRunner().invoke(train_app, [str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: a real run would stop here:" in text and "holds checkpoints of an interrupted run" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-3"]  # nothing written, no lock taken
+    assert not list(tmp_path.glob(".out.*"))

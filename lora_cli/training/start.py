@@ -29,24 +29,6 @@ if TYPE_CHECKING:
     from ..data import DataBundle
 
 
-def start_logging(accelerator: Accelerator, cfg: Config, out: Path, state: TrainState, say: Say,
-                  cleanup: contextlib.ExitStack) -> tuple[Trackers, MetricsSink]:
-    """The trackers (ended by `cleanup` however the run ends) and the metrics sink, begun with the state's records."""
-    with untouched_rng():  # a tracker's start-up must not draw from the generators training uses
-        trackers = trackers_lib.start(accelerator, cfg, state, trackers_lib.hyperparameters(flat_config(cfg)))
-    cleanup.callback(trackers.end)  # also on a failure or a second Ctrl-C
-    sink = MetricsSink(out, state.run_name, writes=accelerator.is_main_process, show=say_nothing, tracker=trackers,
-                       warn=lambda m: say(m, markup=False))
-    sink.start(state.log_history, state.samples)
-    return trackers, sink
-
-
-def restore_rng(plan: StartPlan, accelerator: Accelerator) -> None:
-    """A resumed run's RNG states: restored last, once nothing else in setup draws from the generators."""
-    if plan.checkpoint is not None:
-        set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
-
-
 def initial_state(cfg: Config, plan: StartPlan, model: PreTrainedModel, optimizer: Optimizer,
                   scheduler: LRScheduler, accelerator: Accelerator, bundle: DataBundle, total: int,
                   say: Say) -> tuple[TrainState, dict | None]:
@@ -75,3 +57,21 @@ def initial_state(cfg: Config, plan: StartPlan, model: PreTrainedModel, optimize
         say(f"note: train.load_best_at_end was switched on: the best weights so far (step {state.best_step}) are read "
             f"from {plan.best.path}", markup=False)
     return state, load_best_weights(checkpoint, plan.best)
+
+
+def start_logging(accelerator: Accelerator, cfg: Config, out: Path, state: TrainState, say: Say,
+                  cleanup: contextlib.ExitStack) -> tuple[Trackers, MetricsSink]:
+    """The trackers (ended by `cleanup` however the run ends) and the metrics sink, begun with the state's records."""
+    with untouched_rng():  # a tracker's start-up must not draw from the generators training uses
+        trackers = trackers_lib.start(accelerator, cfg, state, trackers_lib.hyperparameters(flat_config(cfg)))
+    cleanup.callback(trackers.end)  # also on a failure or a second Ctrl-C
+    sink = MetricsSink(out, state.run_name, writes=accelerator.is_main_process, show=say_nothing, tracker=trackers,
+                       warn=lambda m: say(m, markup=False))
+    sink.start(state.log_history, state.samples)
+    return trackers, sink
+
+
+def restore_rng(plan: StartPlan, accelerator: Accelerator) -> None:
+    """A resumed run's RNG states: restored last, once nothing else in setup draws from the generators."""
+    if plan.checkpoint is not None:
+        set_rng_state(load_rng_state(plan.checkpoint.path, accelerator.process_index))
