@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
+from .chat_templates import apply_template_setting
 from .config import Config
 from .errors import TrainingStopped, UserError
 from .fsutil import atomic_write_text
@@ -50,21 +51,12 @@ from .training.summary import print_summary
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    apply_template_setting(tokenizer, cfg.data.chat_template)  # before the model loads: a bad template fails fast
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
                             **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg))
-    bundle = data_lib.build_datasets(
-        cfg.data.path,
-        tokenizer,
-        split=cfg.data.split,
-        format=cfg.data.format,
-        max_length=cfg.data.max_length,
-        train_on_inputs=cfg.data.train_on_inputs,
-        val_size=cfg.data.val_size,
-        val_path=cfg.data.val_path,
-        seed=cfg.train.seed,
-    )
+    bundle = data_lib.build_from_config(cfg, tokenizer)
     return tokenizer, model, report, bundle
 
 
@@ -213,7 +205,7 @@ def _printer(main: bool):
 def _plan(cfg: Config, out: Path, dry_run: bool, main: bool, say, accelerator,
           cleanup: contextlib.ExitStack) -> StartPlan:
     """Check output_dir (before anything slow loads), lock it, clean up after killed runs, decide where to start."""
-    data_paths = [cfg.data.path] + ([cfg.data.val_path] if cfg.data.val_path else [])
+    data_paths = cfg.data.paths()
     if dry_run:  # a dry run writes nothing and refuses nothing: it says what a real run would do
         try:
             outdir.check_location(out, cfg.model.name_or_path, data_paths)
@@ -311,7 +303,7 @@ def _write_result(run: Run, folder: Path) -> None:
     atomic_write_text(folder / METRICS_NAME, to_jsonl(run.state.log_history))
     if run.state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(run.state.samples))
-    title = title_for(cfg.model.name_or_path, cfg.data.path, run.state.run_name)
+    title = title_for(cfg.model.name_or_path, cfg.data.describe_path(), run.state.run_name)
     write_loss_plot(run.state.log_history, folder / PLOT_NAME, title, warn=run.say)
 
 

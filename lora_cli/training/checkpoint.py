@@ -86,7 +86,7 @@ def save_checkpoint(run: Run, best: dict | None) -> Path | None:
             _save_torch(tmp / RNG_NAME, rng_states)
             if best is not None:
                 save_file(best, str(tmp / BEST_NAME), metadata={"format": "pt"})
-            title = title_for(run.cfg.model.name_or_path, run.cfg.data.path, run.state.run_name)
+            title = title_for(run.cfg.model.name_or_path, run.cfg.data.describe_path(), run.state.run_name)
             write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
     except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
         if is_disk_full(err, run.out):

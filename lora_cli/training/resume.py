@@ -170,7 +170,16 @@ def _saved_config(path: Path) -> dict:
 
 def _differences(saved: dict, now: dict) -> list[str]:
     keys = sorted((set(saved) | set(now)) - MAY_CHANGE)
+    # A key newer than the checkpoint is absent from its config: the run had its default.
+    saved = {**{k: _default(k) for k in keys if k not in saved}, **saved}
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _default(key: str):
+    section, _, name = key.partition(".")
+    section_field = Config.model_fields.get(section)
+    field = section_field.annotation.model_fields.get(name) if section_field is not None else None
+    return None if field is None or field.is_required() else field.get_default(call_default_factory=True)
 
 
 def check_compatible(checkpoint: CheckpointInfo, cfg: Config) -> None:

@@ -62,7 +62,7 @@ def _answer(run: Run, prompt: str) -> str:
 
     with run.accelerator.autocast():  # the precision the model trains and evaluates in
         return generate_text(run.model, run.tokenizer, prompt, max_new_tokens=run.cfg.train.eval_max_new_tokens,
-                             temperature=0.0, chat_template=True)
+                             temperature=0.0, chat_template=True, system=run.cfg.data.system_prompt)
 
 
 @contextlib.contextmanager
