@@ -378,3 +378,27 @@ def test_a_resumed_run_covers_every_source(tmp_path, base_model_dir):
     write_jsonl(alpaca, ALPACA_ROWS)
     result = runner.invoke(train_app, resume)
     assert result.exit_code == 0, result.output
+
+
+SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="run scripts/fetch_smollm2.py first")
+def test_chatml_renders_as_smollm2s_own_template():
+    """On a real ChatML tokenizer (eos <|im_end|>) our chatml is its template, less SmolLM2's default system line;
+    as a base tokenizer (eos <|endoftext|>) each reply ends with that one token."""
+    from lora_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(SMOLLM2))
+    own = tok.chat_template
+    conversation = [{"role": "system", "content": "Be brief."}, *CHAT_ROWS[0]["messages"]]
+    apply_template_setting(tok, "chatml")
+    for prompt in (False, True):
+        messages = conversation[:2] if prompt else conversation
+        assert (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+                == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, chat_template=own))
+    tok.eos_token = "<|endoftext|>"
+    example, _ = data.tokenize_row({"messages": conversation}, "chat", tok, 256, False)
+    assert trained_text(example, tok) == "The mayor is Orla Fenwick.<|endoftext|>"
+    assert example.input_ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # markers are single tokens
