@@ -407,3 +407,21 @@ def test_a_weight_beyond_float16_is_refused_for_f16_with_nothing_written(tmp_pat
                      "float16's range", "--gguf bf16 or f32")
         assert not (tmp_path / "o").exists()
     assert merge(adapter, tmp_path / "o", "--gguf", "bf16").exit_code == 0
+
+
+def test_the_template_the_adapter_was_trained_with_goes_into_the_gguf(adapters, tmp_path):
+    """data.chat_template saves its template with the adapter; the merge gives it to the tokenizer, so the GGUF and
+    the Modelfile carry it, not the base model's."""
+    import shutil
+
+    from lora_cli.chat_templates import CHATML, TEMPLATE_FILE_NAME
+
+    _, trained = adapters("llama")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter)
+    (adapter / TEMPLATE_FILE_NAME).write_text(CHATML)
+    assert CHATML != tiny.CHAT_TEMPLATE
+    out = tmp_path / "c"
+    assert merge(adapter, out, "--gguf", "q8_0", "--gguf-only", "--ollama").exit_code == 0
+    assert field(reader(out / "c-q8_0.gguf"), "tokenizer.chat_template") == CHATML
+    assert "<|im_start|>{{ .Role }}" in (out / "Modelfile").read_text()
