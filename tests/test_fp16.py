@@ -353,14 +353,14 @@ def test_emulated_fp16_every_step_skipped_stops_with_the_fp16_advice(tmp_path, t
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     message = " ".join(result.output.split())
-    assert "3" in message and all(advice in message for advice in FP16_ADVICE), message
+    assert "3 updates in a row were skipped" in message and all(advice in message for advice in FP16_ADVICE), message
     assert applied[0] == 0
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_emulation_leaves_accelerate_and_precision_as_they_were(tmp_path, trainable_model_dir):
     """After an emulated run, an ordinary fp32 run in the same process works (AcceleratorState is a singleton)."""
-    from lora_cli.models import choose_precision
+    from lora_cli.precision import choose_precision
 
     config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 1, "overwrite_output_dir": True})
     with amp_emulation.emulated_fp16():
