@@ -22,8 +22,9 @@ from .errors import TrainingStopped, UserError
 from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
-from .models import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision, fp16_risk,
-                     load_base_model, load_tokenizer)
+from .models import load_base_model, load_tokenizer
+from .precision import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision,
+                        dtype_name, fp16_risk)
 from .training import outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
@@ -189,7 +190,7 @@ def _start(run: Run, plan: StartPlan, cleanup: contextlib.ExitStack) -> None:
 
 
 def _four_bit_line(cfg: Config, precision: PrecisionChoice) -> str:
-    rest = str(base_dtype(cfg.model.dtype, precision)).split(".")[1]
+    rest = dtype_name(base_dtype(cfg.model.dtype, precision))
     return (f"base: linear layers in 4-bit NF4 (double quantization, computing in {precision.precision}); embeddings, "
             f"norms and head in {rest}")
 

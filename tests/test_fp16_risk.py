@@ -9,7 +9,7 @@ import transformers
 from typer.testing import CliRunner
 
 from lora_cli.cli import train_app
-from lora_cli.models import choose_precision, fp16_risk
+from lora_cli.precision import choose_precision, fp16_risk
 from lora_cli.training.loop import nonfinite_message
 from test_train import make_config
 

@@ -27,7 +27,7 @@ import tiny
 
 HAS_CUDA = torch.cuda.is_available()
 CAPABILITY = torch.cuda.get_device_capability(0) if HAS_CUDA else (0, 0)
-HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (models.choose_precision), not torch.cuda.is_bf16_supported()
+HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (precision.choose_precision), not torch.cuda.is_bf16_supported()
 DEVICE = "cuda"
 
 pytestmark = [

@@ -145,7 +145,7 @@ def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(model_dir, ar
 
 @pytest.mark.parametrize("capability,compute", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
 def test_the_4bit_layers_compute_in_the_training_precision_on_its_device(capability, compute):
-    from lora_cli.models import base_quantization, choose_precision
+    from lora_cli.precision import base_quantization, choose_precision
     from lora_cli.quantization import quantization_kwargs
 
     precision = choose_precision("auto", capability=capability)
@@ -389,7 +389,7 @@ def test_a_4bit_base_in_the_other_half_type_than_the_precision_is_refused_before
     """Linear4bit returns model.dtype (float16) under bf16 autocast, whose torch.cat then raised 'Unexpected
     floating ScalarType in at::autocast::prioritize' mid-forward; refused up front, CPU and CUDA alike."""
     from lora_cli.cli import train_app
-    from lora_cli.models import PrecisionChoice, check_4bit_dtype
+    from lora_cli.precision import PrecisionChoice, check_4bit_dtype
     from test_train import make_config
 
     def no_loading(*args, **kwargs):

@@ -357,7 +357,7 @@ def test_inf_adapter_in_lora_merge_fails_before_the_base_loads(tiny_model_dir, t
     def must_not_load(*args, **kwargs):
         raise AssertionError("the base model was loaded for a broken adapter")
 
-    monkeypatch.setattr("lora_cli.loading.load_base_model", must_not_load)
+    monkeypatch.setattr("lora_cli.models.load_base_model", must_not_load)
     result = invoke(merge_app, adapter, tmp_path / "merged")
     assert_exit_2(result, "non-finite values", names[0])
     assert not (tmp_path / "merged").exists()

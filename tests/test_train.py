@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.errors import UserError
-from lora_cli.models import choose_precision
+from lora_cli.precision import choose_precision
 from lora_cli.train import train
 
 runner = CliRunner()
@@ -268,7 +268,7 @@ def test_dry_run_over_an_existing_adapter_warns_and_changes_nothing(tmp_path, tr
      ("bfloat16", "fp32", "cpu", torch.bfloat16)],
 )
 def test_base_dtype_is_half_only_on_gpu(setting, precision, device, expected):
-    from lora_cli.models import PrecisionChoice, base_dtype
+    from lora_cli.precision import PrecisionChoice, base_dtype
 
     assert base_dtype(setting, PrecisionChoice(precision, device, "")) == expected
 

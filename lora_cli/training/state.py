@@ -58,7 +58,7 @@ class Run:
 
     cfg: object  # Config
     accelerator: object
-    precision: object  # models.PrecisionChoice
+    precision: object  # precision.PrecisionChoice
     tokenizer: object
     model: object  # the transformers model with LoRA layers: evaluated, packed-checked and saved
     loss_model: object  # CausalLMLoss(model) as prepared by Accelerate: what the step runs
