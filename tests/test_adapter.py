@@ -11,19 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from lora_cli.adapter import load_adapter, read_adapter_config, save_adapter
+from helpers import assert_close, assert_lora_matters, logits, make_peft, peft_adapter_state, randomise_lora, settings
+from lora_cli.adapter import KEY_PREFIX, load_adapter, read_adapter_config, save_adapter
 from lora_cli.errors import UserError
 from lora_cli.inject import apply_lora, lora_layers, lora_state_dict
-from test_lora import (
-    KEY_PREFIX,
-    assert_close,
-    assert_lora_matters,
-    logits,
-    make_peft,
-    peft_adapter_state,
-    randomise_lora,
-    settings,
-)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

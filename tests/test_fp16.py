@@ -16,6 +16,7 @@ import transformers
 from typer.testing import CliRunner
 
 import amp_emulation
+from helpers import make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.errors import UserError
@@ -25,7 +26,6 @@ from lora_cli.losses import head_cross_entropy
 from lora_cli.models import load_base_model
 from lora_cli.packing import check_packing_supported
 from lora_cli.train import train
-from test_train import make_config
 
 runner = CliRunner()
 FP16_ADVICE = ("train.precision=bf16", "train.precision=fp32")
@@ -133,9 +133,8 @@ def test_packed_attention_without_native_grouped_query_support_repeats_k_and_v(m
     """On a T4 sdpa's enable_gqa would force its math kernel (flash, the only kernel that takes it, needs compute
     capability 8.0): the packed attention then repeats k/v per query head. Same losses and gradients as unpacked."""
     import lora_cli.packing as packing
+    from helpers import examples, lora_model, loss_and_grads
     from lora_cli import data
-    from test_packing import examples, loss_and_grads
-    from test_losses import lora_model
 
     seen = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
