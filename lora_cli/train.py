@@ -174,7 +174,8 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
 
 
 def _start(run: Run, plan: StartPlan, cleanup: contextlib.ExitStack) -> None:
-    """The run's state (fresh, or restored from the checkpoint), the trackers and the metrics sink; for a resumed run the RNG states come last, so nothing here draws from the restored generators."""
+    """The run's state (fresh, or restored from the checkpoint), the trackers and the metrics sink; for a resumed run
+    the RNG states come last, so nothing here draws from the restored generators."""
     accelerator, cfg = run.accelerator, run.cfg
     run.state = _initial_state(run, plan, data_fingerprint(run.bundle.train, run.bundle.val))
     run.start_step = run.state.global_step
