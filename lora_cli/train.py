@@ -23,8 +23,15 @@ from .fsutil import atomic_write_text
 from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
 from .models import load_base_model, load_tokenizer
-from .precision import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision,
-                        dtype_name, fp16_risk)
+from .precision import (
+    PrecisionChoice,
+    base_dtype,
+    base_quantization,
+    check_4bit_dtype,
+    choose_precision,
+    dtype_name,
+    fp16_risk,
+)
 from .training import outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
