@@ -69,8 +69,9 @@ def emulated_fp16(init_scale: float = DEFAULT_INIT_SCALE):
 
     Yields a dict that collects every Accelerator built inside under "accelerators" (to inspect its scaler).
     """
-    import lora_cli.precision as precision
     from accelerate import Accelerator
+
+    import lora_cli.precision as precision
 
     seen: dict = {"accelerators": []}
     original_init = Accelerator.__init__
