@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from .adapter import load_adapter, read_adapter_tensors
 from .adapter_config import CONFIG_NAME, AdapterConfig, read_adapter_config
+from .chat_templates import use_folder_template
 from .errors import ModelNotFound, UserError
 from .inject import InjectionReport, merge_lora
 from .model_files import damaged_error, damaged_weight_files, unpickling_error
@@ -270,6 +271,8 @@ def load_model(
         adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
     check_source(source.name_or_path, what)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
+    if adapter_dir is not None and use_folder_template(tokenizer, adapter_dir):
+        log(f"chat template: the one {adapter_dir} was trained with (data.chat_template)")
     where = f"{device or 'cpu'}, {dtype_name(dtype)}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
     at_revision = f" at revision {source.revision}" if source.revision else ""
     log(f"loading {source.name_or_path}{at_revision} ({where})")
