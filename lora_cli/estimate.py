@@ -231,7 +231,9 @@ def _sequence_length(cfg: Config, data, tokenize: bool, notes: list[str]) -> tup
         notes.append(f"sequence length: data.max_length={max_length} (the longest example is not known without "
                      "tokenizing the data)")
         return max_length, True
-    lengths = [len(example) for example in data.train]
+    from .data import lengths_of
+
+    lengths = lengths_of(data.train)
     longest = min(max(lengths), max_length)
     padded = sum(n >= longest for n in lengths) < cfg.train.micro_batch_size
     notes.append(f"sequence length: the longest example, {longest} tokens (data.max_length={max_length})"
@@ -252,11 +254,7 @@ def _tokenize_local_data(cfg: Config, notes: list[str]):
 
     try:
         tokenizer = load_tokenizer(str(model), cfg.model.revision, cfg.model.trust_remote_code)
-        return data_lib.build_datasets(
-            cfg.data.path, tokenizer, split=cfg.data.split, format=cfg.data.format, max_length=cfg.data.max_length,
-            train_on_inputs=cfg.data.train_on_inputs, val_size=cfg.data.val_size, val_path=cfg.data.val_path,
-            seed=cfg.train.seed,
-        )
+        return data_lib.build_in_memory(data_lib.options_from(cfg), tokenizer)
     except UserError as err:
         notes.append(f"the data could not be tokenized ({str(err).splitlines()[0][:120]})")
         return None

@@ -39,7 +39,7 @@ from .training.metrics import METRICS_NAME, SAMPLES_NAME, MetricsSink, to_jsonl
 from .training.optim import make_optimizer, make_scheduler
 from .training.plan import make_batches, total_steps
 from .training.plot import PLOT_NAME, title_for, write_loss_plot
-from .training.resume import StartPlan, check_resumable_run, data_fingerprint, flat_config, plan_start
+from .training.resume import StartPlan, check_resumable_run, flat_config, plan_start
 from .training.samples import answer_prompts, load_prompts
 from .training.signals import StopRequests
 from .training.state import Run, TrainResult, TrainState
@@ -47,25 +47,29 @@ from .training.step import attention_kernels, check_distributed_type
 from .training.summary import print_summary
 
 
-def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
-    """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
+def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, accelerator):
+    """Load the tokenizer, the data (from the cache, tokenized first if needed: a data error shows before the slow
+    model load), the base model (frozen, in the half dtype on GPU) and LoRA layers (fp32)."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    # The main process tokenizes; the others then read its cache entry. Every process says when it tokenizes (only
+    # a writer does), so a second tokenization would show.
+    with accelerator.main_process_first():
+        bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
                             **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg))
-    bundle = data_lib.build_datasets(
-        cfg.data.path,
-        tokenizer,
-        split=cfg.data.split,
-        format=cfg.data.format,
-        max_length=cfg.data.max_length,
-        train_on_inputs=cfg.data.train_on_inputs,
-        val_size=cfg.data.val_size,
-        val_path=cfg.data.val_path,
-        seed=cfg.train.seed,
-    )
     return tokenizer, model, report, bundle
+
+
+def prepare_data(cfg: Config) -> None:
+    """lora-train --prepare: tokenize the data into the cache (or find it there), print the summary, nothing else.
+    A later run on any machine that sees the same cache folder starts without tokenizing."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    out = outdir.resolve_output_dir(cfg.train.output_dir)
+    bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+    print_data_summary(bundle)
+    _plain_printer(f"data cache: {bundle.train.folder}")
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -138,7 +142,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     world = accelerator.num_processes
     say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
-    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
+    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision, out, accelerator)
     say(report.summary, markup=False)
     if cfg.model.load_in_4bit:
         say(_four_bit_line(cfg, precision), markup=False)
@@ -175,7 +179,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
 def _start(run: Run, plan: StartPlan, cleanup: contextlib.ExitStack) -> None:
     """The run's state (fresh, or restored from the checkpoint), the trackers and the metrics sink; for a resumed run the RNG states come last, so nothing here draws from the restored generators."""
     accelerator, cfg = run.accelerator, run.cfg
-    run.state = _initial_state(run, plan, data_fingerprint(run.bundle.train, run.bundle.val))
+    run.state = _initial_state(run, plan, run.bundle.fingerprint)
     run.start_step = run.state.global_step
     saved_rng = rng_state()  # a tracker's start-up must not draw from the generators training uses
     run.trackers = trackers.start(accelerator, cfg, run.state, trackers.hyperparameters(flat_config(cfg)))
@@ -208,6 +212,10 @@ def _printer(main: bool):
     if not main:
         return say_nothing
     return lambda message, markup=True: console.print(message, markup=markup, highlight=False)
+
+
+def _plain_printer(message: str) -> None:
+    console.print(message, markup=False, highlight=False)
 
 
 def _plan(cfg: Config, out: Path, dry_run: bool, main: bool, say, accelerator,

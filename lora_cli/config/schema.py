@@ -164,6 +164,9 @@ class DataSection(_Section):
     val_size: int | float = 0  # fraction in [0, 1) or a count >= 1 of examples held out of path; 0 = none
     val_path: str | None = None  # a separate validation file, instead of val_size
     packing: bool = False  # concatenate examples into max_length blocks
+    # The tokenized data is cached here (keyed by the files' contents, the tokenizer and these settings); null = a
+    # folder .lora-data-cache beside train.output_dir, so a rerun after a Colab disconnect finds it on Drive.
+    cache_dir: str | None = None
 
     @field_validator("val_size", mode="before")
     @classmethod

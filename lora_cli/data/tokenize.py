@@ -5,14 +5,17 @@ train/validation split: everything the training loop needs from the data, comput
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from dataclasses import dataclass
+
+import numpy as np
 
 from lora_cli.errors import UserError
 
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
 from .formats import EMPTY_RESPONSE, FORMATS, NO_REPLY, _render, _Rendered, detect_format
-from .sources import _load, _LoadedRows
+from .sources import RowStream, iter_rows
 
 TOKENIZE_CHUNK = 1000  # rows tokenized per call: fast, but the offsets of 50k long rows at once would use GBs
 
@@ -137,51 +140,118 @@ def build_datasets(
     val_path: str | None = None,
     seed: int = 42,
 ) -> DataBundle:
-    """Load, format, tokenize and split the training data; everything the train loop needs, computed once."""
-    if format != "auto" and format not in FORMATS:
-        raise UserError(f"Unknown data format '{format}'. Use one of: auto, {', '.join(FORMATS)}.")
-    if max_length < 2:
-        raise UserError(f"max_length is {max_length}; it must be at least 2 tokens (typically 512-4096).")
-    if val_path and val_size:
-        raise UserError(
-            f"Both val_path ('{val_path}') and val_size ({val_size}) are set. Set only one: val_path to use a "
-            f"separate validation file, or val_size to split one off the training data."
-        )
-    loaded = _load(path, split)
-    fmt = detect_format(loaded.rows, path) if format == "auto" else format
+    """Load, format, tokenize and split the training data in memory; everything the train loop needs, computed
+    once. lora-train goes through data.cache.load_or_build, which streams the same examples to disk instead."""
+    options = DataOptions(path, split, format, max_length, train_on_inputs, val_size, val_path, seed)
+    return build_in_memory(options, tokenizer)
+
+
+def build_in_memory(options: DataOptions, tokenizer) -> DataBundle:
+    sink: list[Example] = []
+    tokenized = tokenize_sources(options, tokenizer, sink.extend)
+    val_indices = set(tokenized.val_indices)
+    train = [e for i, e in enumerate(sink) if i not in val_indices]
+    val = [e for i, e in enumerate(sink) if i in val_indices]
+    stats = data_stats(tokenized, [len(e) for e in train], [e.num_trained for e in train], [len(e) for e in val])
+    return DataBundle(train, val, stats)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything build_datasets needs besides the tokenizer: the one translation of config.data (options_from)."""
+
+    path: str
+    split: str = "train"
+    format: str = "auto"
+    max_length: int = 1024
+    train_on_inputs: bool = False
+    val_size: float | int = 0
+    val_path: str | None = None
+    seed: int = 42
+
+
+def options_from(cfg) -> DataOptions:
+    """config.data (and train.seed, which draws the validation split) as the data pipeline's options."""
+    d = cfg.data
+    return DataOptions(d.path, d.split, d.format, d.max_length, d.train_on_inputs, d.val_size, d.val_path,
+                       cfg.train.seed)
+
+
+@dataclass
+class Tokenized:
+    """What tokenize_sources learnt besides the examples it handed on: the split, the counts for the summary."""
+
+    format: str
+    max_length: int
+    counts: _Counts
+    num_examples: int  # examples handed on: the training source's, then the validation file's
+    val_indices: list[int]  # sorted indices (into the examples handed on) of the validation examples
+
+
+def tokenize_sources(options: DataOptions, tokenizer, sink) -> Tokenized:
+    """Stream the rows of the data (and validation) file, tokenize them in batches and hand the kept examples to
+    `sink` (a callable taking a list of Examples), in order; then draw the validation split. Bounded memory: only
+    TOKENIZE_CHUNK rows are held at once."""
+    _check_options(options)
+    rows = iter_rows(options.path, options.split)
+    first = next(rows, None)
+    rows = itertools.chain([first] if first else [], rows)
+    fmt = detect_format([first[0]] if first else [], options.path) if options.format == "auto" else options.format
     _check_tokenizer(tokenizer, fmt)
     counts = _Counts()
-    examples = _tokenize_all(loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
-    if not examples:
-        raise UserError(_nothing_left_message(path, len(loaded.rows), counts, fmt, max_length))
-    if val_path:
-        val_loaded = _load(val_path, split="validation")
-        val = _tokenize_all(val_loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
-        train = examples
-        num_rows = len(loaded.rows) + len(val_loaded.rows)
+    kept = 0
+    for chunk in _tokenized_chunks(rows, fmt, tokenizer, options, counts):
+        kept += len(chunk)
+        sink(chunk)
+    if not kept:
+        raise UserError(_nothing_left_message(options.path, counts.rows, counts, fmt, options.max_length))
+    if options.val_path:
+        val_rows = iter_rows(options.val_path, "validation")
+        num_val = 0
+        for chunk in _tokenized_chunks(val_rows, fmt, tokenizer, options, counts):
+            num_val += len(chunk)
+            sink(chunk)
+        val_indices = list(range(kept, kept + num_val))
     else:
-        train, val = _split_off_validation(examples, val_size, seed, path)
-        num_rows = len(loaded.rows)
-    stats = DataStats(
-        format=fmt,
-        num_train=len(train),
-        num_val=len(val),
-        train_tokens=sum(len(e) for e in train),
-        trained_tokens=sum(e.num_trained for e in train),
-        num_truncated=counts.truncated,
-        num_dropped=counts.dropped,
-        num_without_response=counts.no_reply + counts.empty,
-        val_tokens=sum(len(e) for e in val),
-        max_example_length=max(len(e) for e in train),
-        num_rows=num_rows,
-        max_length=max_length,
+        num_val, val_indices = 0, validation_indices(kept, options.val_size, options.seed, options.path)
+    return Tokenized(fmt, options.max_length, counts, kept + num_val, val_indices)
+
+
+def data_stats(tokenized: Tokenized, train_lengths, train_trained, val_lengths) -> DataStats:
+    """The data summary from per-example arrays (lists, or numpy arrays of the cache) of the split."""
+    c = tokenized.counts
+    return DataStats(
+        format=tokenized.format,
+        num_train=len(train_lengths),
+        num_val=len(val_lengths),
+        train_tokens=int(np.sum(train_lengths, dtype=np.int64)),
+        trained_tokens=int(np.sum(train_trained, dtype=np.int64)),
+        num_truncated=c.truncated,
+        num_dropped=c.dropped,
+        num_without_response=c.no_reply + c.empty,
+        val_tokens=int(np.sum(val_lengths, dtype=np.int64)),
+        max_example_length=int(np.max(train_lengths)),
+        num_rows=c.rows,
+        max_length=tokenized.max_length,
     )
-    return DataBundle(train, val, stats)
+
+
+def _check_options(options: DataOptions) -> None:
+    if options.format != "auto" and options.format not in FORMATS:
+        raise UserError(f"Unknown data format '{options.format}'. Use one of: auto, {', '.join(FORMATS)}.")
+    if options.max_length < 2:
+        raise UserError(f"max_length is {options.max_length}; it must be at least 2 tokens (typically 512-4096).")
+    if options.val_path and options.val_size:
+        raise UserError(
+            f"Both val_path ('{options.val_path}') and val_size ({options.val_size}) are set. Set only one: val_path "
+            f"to use a separate validation file, or val_size to split one off the training data."
+        )
 
 
 @dataclass
 class _Counts:
     truncated: int = 0
+    rows: int = 0  # rows read (train + val), before dropping
     no_reply: int = 0  # chat rows without an assistant turn
     empty: int = 0  # rows whose response is empty (chat: every assistant reply)
     cut_off: int = 0  # rows whose response lies wholly beyond max_length
@@ -209,51 +279,54 @@ def _nothing_left_message(path: str, num_rows: int, counts: _Counts, fmt: str, m
             f"To train, {'; '.join(fixes)}.")
 
 
-def _tokenize_all(loaded: _LoadedRows, fmt, tokenizer, max_length, train_on_inputs, counts: _Counts) -> list[Example]:
-    examples = []
-    for chunk_start in range(0, len(loaded.rows), TOKENIZE_CHUNK):
-        chunk = range(chunk_start, min(chunk_start + TOKENIZE_CHUNK, len(loaded.rows)))
-        rendered = [_render_located(loaded, i, fmt, tokenizer, train_on_inputs) for i in chunk]
-        for row_index, (example, truncated) in zip(chunk, _tokenize_rendered(rendered, tokenizer, max_length)):
+def _tokenized_chunks(rows: RowStream, fmt: str, tokenizer, options: DataOptions, counts: _Counts):
+    """The kept examples of `rows`, TOKENIZE_CHUNK rows at a time; row_index counts the stream's rows from 0."""
+    row_index = 0
+    for chunk in _batched(rows, TOKENIZE_CHUNK):
+        rendered = [_render_located(row, where, fmt, tokenizer, options.train_on_inputs) for row, where in chunk]
+        kept = []
+        for r, (example, truncated) in zip(rendered, _tokenize_rendered(rendered, tokenizer, options.max_length)):
             example.row_index = row_index
+            row_index += 1
             counts.truncated += truncated
-            reason = rendered[row_index - chunk_start].untrainable
-            if reason == NO_REPLY:
+            if r.untrainable == NO_REPLY:
                 counts.no_reply += 1
-            elif reason == EMPTY_RESPONSE:
+            elif r.untrainable == EMPTY_RESPONSE:
                 counts.empty += 1
             elif example.num_trained == 0:  # the prompt alone fills max_length
                 counts.cut_off += 1
             else:
-                examples.append(example)
-    return examples
+                kept.append(example)
+        counts.rows += len(chunk)
+        yield kept
 
 
-def _render_located(loaded: _LoadedRows, i: int, fmt, tokenizer, train_on_inputs) -> _Rendered:
+def _batched(items, size: int):
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _render_located(row: dict, where: str, fmt, tokenizer, train_on_inputs) -> _Rendered:
     try:
-        return _render(loaded.rows[i], fmt, tokenizer, train_on_inputs)
+        return _render(row, fmt, tokenizer, train_on_inputs)
     except RowError as e:
-        raise UserError(f"Data {loaded.locations[i]} ({fmt} format): {e}. Fix that row, or remove it.") from None
+        raise UserError(f"Data {where} ({fmt} format): {e}. Fix that row, or remove it.") from None
 
 
-def _split_off_validation(
-    examples: list[Example], val_size: float | int, seed: int, path: str
-) -> tuple[list[Example], list[Example]]:
-    """Split a deterministic random subset off for validation: a fraction if val_size < 1, else a count."""
+def validation_indices(num_examples: int, val_size: float | int, seed: int, path: str) -> list[int]:
+    """The sorted indices of a deterministic random validation subset: a fraction if val_size < 1, else a count."""
     if not val_size:
-        return examples, []
+        return []
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         raise UserError(
             f"val_size is {val_size}; use a fraction between 0 and 1 (e.g. 0.05), a whole number of examples, "
             f"or 0 for no validation."
         )
-    count = max(1, round(len(examples) * val_size)) if val_size < 1 else int(val_size)
-    if count >= len(examples):
+    count = max(1, round(num_examples * val_size)) if val_size < 1 else int(val_size)
+    if count >= num_examples:
         raise UserError(
-            f"val_size={val_size} asks for {count} validation examples but '{path}' has only {len(examples)} "
+            f"val_size={val_size} asks for {count} validation examples but '{path}' has only {num_examples} "
             f"usable examples, leaving none for training. Use a smaller val_size, or a separate val_path."
         )
-    val_indices = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [e for i, e in enumerate(examples) if i not in val_indices]
-    val = [e for i, e in enumerate(examples) if i in val_indices]
-    return train, val
+    return sorted(random.Random(seed).sample(range(num_examples), count))

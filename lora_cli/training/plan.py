@@ -17,7 +17,7 @@ def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
     Without packing every row holds one example and batches group similar lengths; with data.packing, rows are
     filled with several examples up to data.max_length tokens and a micro batch is micro_batch_size such rows.
     """
-    lengths = [len(ex.input_ids) for ex in examples]
+    lengths = data_lib.lengths_of(examples)
     t = cfg.train
     if cfg.data.packing:
         return data_lib.packed_batches(lengths, cfg.data.max_length, t.micro_batch_size, seed=t.seed, epoch=epoch)
