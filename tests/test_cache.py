@@ -82,6 +82,18 @@ def test_cached_examples_equal_the_in_memory_ones_bit_for_bit(tmp_path, tiny_mod
     assert (cached.stats.num_truncated > 0) == (settings["max_length"] < 100)
 
 
+def test_two_tokenizing_processes_give_the_same_examples(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    from lora_cli.data import tokenize
+
+    monkeypatch.setattr(tokenize, "TOKENIZE_CHUNK", 7)  # many chunks, several in flight, returned in order
+    cfg = config_for(tmp_path, tiny_model_dir(), rows=CHAT_ROWS, data={"max_length": 56, "val_size": 4})
+    expected = data.build_in_memory(data.options_from(cfg), tokenizer)
+    parallel = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_proc": 2})})
+    cached = load(parallel, tokenizer)
+    assert as_tuples(cached.train) == as_tuples(expected.train) and as_tuples(cached.val) == as_tuples(expected.val)
+    assert cached.stats == expected.stats
+
+
 def test_a_separate_validation_file_is_cached_too(tmp_path, tiny_model_dir, tokenizer):
     val_file = write_jsonl(tmp_path / "val.jsonl", TEXT_ROWS[:4])
     cfg = config_for(tmp_path, tiny_model_dir(), data={"val_path": str(val_file)})
@@ -127,7 +139,7 @@ def test_an_edited_file_of_the_same_size_and_time_misses(tmp_path, tiny_model_di
 # it is added here: the cache key takes the whole data section, and this checks that it does.
 OTHER_VALUES = {
     "path": "COPY", "split": "validation", "format": "text", "max_length": 16, "train_on_inputs": True, "val_size": 2,
-    "val_path": "VAL", "packing": True, "cache_dir": "CACHE",
+    "val_path": "VAL", "packing": True, "cache_dir": "CACHE", "num_proc": 2,
 }
 
 

@@ -167,6 +167,7 @@ class DataSection(_Section):
     # The tokenized data is cached here (keyed by the files' contents, the tokenizer and these settings); null = a
     # folder .lora-data-cache beside train.output_dir, so a rerun after a Colab disconnect finds it on Drive.
     cache_dir: str | None = None
+    num_proc: int = Field(1, ge=1)  # processes that tokenize the data on a cache miss (see Data formats)
 
     @field_validator("val_size", mode="before")
     @classmethod

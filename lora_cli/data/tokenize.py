@@ -5,6 +5,7 @@ train/validation split: everything the training loop needs from the data, comput
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import random
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ import numpy as np
 from lora_cli.errors import UserError
 
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
-from .formats import EMPTY_RESPONSE, FORMATS, NO_REPLY, _render, _Rendered, detect_format
+from .formats import EMPTY_RESPONSE, NO_REPLY, _render, _Rendered, detect_format
+from .parallel import map_in_order
 from .sources import RowStream, iter_rows
 
 TOKENIZE_CHUNK = 1000  # rows tokenized per call: fast, but the offsets of 50k long rows at once would use GBs
@@ -168,13 +170,14 @@ class DataOptions:
     val_size: float | int = 0
     val_path: str | None = None
     seed: int = 42
+    num_proc: int = 1  # processes that render and tokenize (data.num_proc); the examples are the same for any
 
 
 def options_from(cfg) -> DataOptions:
     """config.data (and train.seed, which draws the validation split) as the data pipeline's options."""
     d = cfg.data
     return DataOptions(d.path, d.split, d.format, d.max_length, d.train_on_inputs, d.val_size, d.val_path,
-                       cfg.train.seed)
+                       cfg.train.seed, d.num_proc)
 
 
 @dataclass
@@ -191,8 +194,7 @@ class Tokenized:
 def tokenize_sources(options: DataOptions, tokenizer, sink) -> Tokenized:
     """Stream the rows of the data (and validation) file, tokenize them in batches and hand the kept examples to
     `sink` (a callable taking a list of Examples), in order; then draw the validation split. Bounded memory: only
-    TOKENIZE_CHUNK rows are held at once."""
-    _check_options(options)
+    TOKENIZE_CHUNK rows are held at once. The settings are checked where the config is read (config.schema)."""
     rows = iter_rows(options.path, options.split)
     first = next(rows, None)
     rows = itertools.chain([first] if first else [], rows)
@@ -236,18 +238,6 @@ def data_stats(tokenized: Tokenized, train_lengths, train_trained, val_lengths) 
     )
 
 
-def _check_options(options: DataOptions) -> None:
-    if options.format != "auto" and options.format not in FORMATS:
-        raise UserError(f"Unknown data format '{options.format}'. Use one of: auto, {', '.join(FORMATS)}.")
-    if options.max_length < 2:
-        raise UserError(f"max_length is {options.max_length}; it must be at least 2 tokens (typically 512-4096).")
-    if options.val_path and options.val_size:
-        raise UserError(
-            f"Both val_path ('{options.val_path}') and val_size ({options.val_size}) are set. Set only one: val_path "
-            f"to use a separate validation file, or val_size to split one off the training data."
-        )
-
-
 @dataclass
 class _Counts:
     truncated: int = 0
@@ -280,25 +270,35 @@ def _nothing_left_message(path: str, num_rows: int, counts: _Counts, fmt: str, m
 
 
 def _tokenized_chunks(rows: RowStream, fmt: str, tokenizer, options: DataOptions, counts: _Counts):
-    """The kept examples of `rows`, TOKENIZE_CHUNK rows at a time; row_index counts the stream's rows from 0."""
+    """The kept examples of `rows`, TOKENIZE_CHUNK rows at a time (in options.num_proc processes); row_index counts
+    the stream's rows from 0."""
+    work = functools.partial(_tokenize_chunk, fmt=fmt, max_length=options.max_length,
+                             train_on_inputs=options.train_on_inputs)
     row_index = 0
-    for chunk in _batched(rows, TOKENIZE_CHUNK):
-        rendered = [_render_located(row, where, fmt, tokenizer, options.train_on_inputs) for row, where in chunk]
+    for results in map_in_order(work, _batched(rows, TOKENIZE_CHUNK), tokenizer, options.num_proc):
         kept = []
-        for r, (example, truncated) in zip(rendered, _tokenize_rendered(rendered, tokenizer, options.max_length)):
+        for example, truncated, untrainable in results:
             example.row_index = row_index
             row_index += 1
             counts.truncated += truncated
-            if r.untrainable == NO_REPLY:
+            if untrainable == NO_REPLY:
                 counts.no_reply += 1
-            elif r.untrainable == EMPTY_RESPONSE:
+            elif untrainable == EMPTY_RESPONSE:
                 counts.empty += 1
             elif example.num_trained == 0:  # the prompt alone fills max_length
                 counts.cut_off += 1
             else:
                 kept.append(example)
-        counts.rows += len(chunk)
+        counts.rows += len(results)
         yield kept
+
+
+def _tokenize_chunk(chunk: list[tuple[dict, str]], tokenizer, fmt: str, max_length: int,
+                    train_on_inputs: bool) -> list[tuple[Example, bool, str | None]]:
+    """(example, truncated, why it has nothing to train) for each row of the chunk; runs in a worker process too."""
+    rendered = [_render_located(row, where, fmt, tokenizer, train_on_inputs) for row, where in chunk]
+    tokenized = _tokenize_rendered(rendered, tokenizer, max_length)
+    return [(example, truncated, r.untrainable) for r, (example, truncated) in zip(rendered, tokenized)]
 
 
 def _batched(items, size: int):
@@ -318,11 +318,6 @@ def validation_indices(num_examples: int, val_size: float | int, seed: int, path
     """The sorted indices of a deterministic random validation subset: a fraction if val_size < 1, else a count."""
     if not val_size:
         return []
-    if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
-        raise UserError(
-            f"val_size is {val_size}; use a fraction between 0 and 1 (e.g. 0.05), a whole number of examples, "
-            f"or 0 for no validation."
-        )
     count = max(1, round(num_examples * val_size)) if val_size < 1 else int(val_size)
     if count >= num_examples:
         raise UserError(
