@@ -51,15 +51,30 @@ def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, a
     """Load the tokenizer, the data (from the cache, tokenized first if needed: a data error shows before the slow
     model load), the base model (frozen, in the half dtype on GPU) and LoRA layers (fp32)."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    # The main process tokenizes; the others then read its cache entry. Every process says when it tokenizes (only
-    # a writer does), so a second tokenization would show.
-    with accelerator.main_process_first():
-        bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+    bundle = _load_data_on_main_first(cfg, tokenizer, out, accelerator)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
                             **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg))
     return tokenizer, model, report, bundle
+
+
+def _load_data_on_main_first(cfg: Config, tokenizer, out: Path, accelerator):
+    """The main process tokenizes (on a cache miss); the others wait, then open its cache entry. Every process says
+    when it tokenizes (only a writer does), so a second tokenization would show. If the main one fails (a bad row),
+    it still meets the others at the barrier, so they fail with the same message instead of waiting forever."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+        except Exception as err:
+            failure = err
+    accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
+    if not accelerator.is_main_process:
+        bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+    return bundle
 
 
 def prepare_data(cfg: Config) -> None:
