@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
+from .chat_templates import apply_template_setting
 from .config import Config
 from .errors import TrainingStopped, UserError
 from .inject import apply_lora, lora_settings
@@ -45,6 +46,7 @@ def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, a
     """Load the tokenizer, the data (from the cache, tokenized first if needed: a data error shows before the slow
     model load), the base model (frozen, in the half dtype on GPU) and LoRA layers (fp32)."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    apply_template_setting(tokenizer, cfg.data.chat_template)  # before the model loads: a bad template fails fast
     bundle = _load_data_on_main_first(cfg, tokenizer, out, accelerator)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
@@ -75,6 +77,7 @@ def prepare_data(cfg: Config) -> None:
     """lora-train --prepare: tokenize the data into the cache (or find it there), print the summary, nothing else.
     A later run on any machine that sees the same cache folder starts without tokenizing."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    apply_template_setting(tokenizer, cfg.data.chat_template)
     out = outdir.resolve_output_dir(cfg.train.output_dir)
     bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
     console.print_data_summary(bundle)

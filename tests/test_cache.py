@@ -83,9 +83,9 @@ def test_cached_examples_equal_the_in_memory_ones_bit_for_bit(tmp_path, tiny_mod
 
 
 def test_two_tokenizing_processes_give_the_same_examples(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    from lora_cli.data import tokenize
+    from lora_cli.data import build
 
-    monkeypatch.setattr(tokenize, "TOKENIZE_CHUNK", 7)  # many chunks, several in flight, returned in order
+    monkeypatch.setattr(build, "TOKENIZE_CHUNK", 7)  # many chunks, several in flight, returned in order
     cfg = config_for(tmp_path, tiny_model_dir(), rows=CHAT_ROWS, data={"max_length": 56, "val_size": 4})
     expected = data.build_in_memory(data.options_from(cfg), tokenizer)
     parallel = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_proc": 2})})
@@ -140,6 +140,7 @@ def test_an_edited_file_of_the_same_size_and_time_misses(tmp_path, tiny_model_di
 OTHER_VALUES = {
     "path": "COPY", "split": "validation", "format": "text", "max_length": 16, "train_on_inputs": True, "val_size": 2,
     "val_path": "VAL", "packing": True, "cache_dir": "CACHE", "num_proc": 2,
+    "chat_template": "chatml", "system_prompt": "Answer briefly.",
 }
 
 

@@ -20,6 +20,7 @@ the least recently used removed first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,9 @@ from lora_cli.fsutil import (atomic_write_text, disk_full_message, is_disk_full,
 
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example
 from .sources import load_hub, local_files
-from .tokenize import DataOptions, Tokenized, data_stats, options_from, tokenize_sources
+from .build import DataOptions, Tokenized, data_stats, tokenize_sources
+from .from_config import options_from
+from .mixing import SourceStats
 
 CACHE_VERSION = 1  # raise it whenever a change to the data code changes the examples it writes
 KEEP_ENTRIES = 3  # entries kept in a cache folder; the least recently used beyond that are removed
@@ -90,7 +93,8 @@ class _Entry:
         return Example(ids.tolist(), labels.tolist(), int(self.rows[number]))
 
     def bundle(self) -> DataBundle:
-        stats = DataStats(**self.meta["stats"])
+        stats = dict(self.meta["stats"])
+        stats = DataStats(**{**stats, "sources": [SourceStats(**source) for source in stats["sources"]]})
         return DataBundle(CachedExamples(self, self.train), CachedExamples(self, self.val), stats,
                           fingerprint=self.meta["key"])
 
@@ -108,9 +112,10 @@ def load_data(cfg, tokenizer, output_dir: Path, say: Callable[[str], None] = lam
 def key_parts(settings: dict, options: DataOptions, tokenizer) -> dict:
     """What decides the examples, as plain data: the settings, each data file's content hash, the tokenizer's."""
     settings = {name: value for name, value in sorted(settings.items()) if name not in NOT_IN_KEY}
-    if options.val_size:  # the seed draws the validation split; without one it changes no example
+    if options.val_size or any(s.take is not None for s in options.sources):  # else the seed changes no example
         settings["seed"] = options.seed
-    sources = [(options.path, options.split)] + ([(options.val_path, "validation")] if options.val_path else [])
+    sources = [(s.path, s.split) for s in options.sources]
+    sources += [(options.val_path, "validation")] if options.val_path else []
     return {
         "version": CACHE_VERSION,
         "settings": settings,
@@ -272,7 +277,7 @@ def _finish(tmp: Path, key: str, parts: dict, writer: _ExampleWriter, tokenized:
     train = np.setdiff1d(np.arange(len(lengths), dtype=np.int64), val, assume_unique=True)
     np.savez(tmp / "index.npz", offsets=offsets, rows=np.frombuffer(writer.rows, dtype=np.int64), train=train, val=val)
     stats = data_stats(tokenized, lengths[train], trained[train], lengths[val])
-    meta = {"key": key, "id_dtype": writer.id_dtype.name, "parts": parts, "stats": vars(stats)}
+    meta = {"key": key, "id_dtype": writer.id_dtype.name, "parts": parts, "stats": dataclasses.asdict(stats)}
     atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=1, default=str))
 
 
