@@ -3,6 +3,7 @@ load (tokenizer, config lookup, weights), and take the base's revision from the 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -43,10 +44,10 @@ def recorded(monkeypatch):
         return real_checkpoint(source)
 
     monkeypatch.setattr(loading, "load_tokenizer", tokenizer)
-    monkeypatch.setattr("lora_cli.merge.load_tokenizer", tokenizer)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "load_tokenizer", tokenizer)
     monkeypatch.setattr(loading, "load_base_model", model)
     monkeypatch.setattr(merge_stream, "_checkpoint", checkpoint)
-    monkeypatch.setattr("lora_cli.merge.stored_dtype", stored)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "stored_dtype", stored)
     return calls
 
 
