@@ -11,6 +11,7 @@ that need them are imported inside the functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -27,6 +28,29 @@ if TYPE_CHECKING:
 ConfigLike = Union[str, os.PathLike, Mapping, Config]  # a YAML file, a dict shaped like one, or a Config
 
 
+def _quiet_libraries(func):
+    """While the call runs, transformers prints only errors and no progress bars (as under the commands: cli.py), so
+    a notebook shows lora-cli's own lines; afterwards the caller's settings are back."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers library
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return wrapper
+
+
+@_quiet_libraries
 def train(config: ConfigLike, /, *overrides: str, dry_run: bool = False,
           quiet: bool = False, gpu: str | None = None, **sections: Mapping) -> TrainResult | None:
     """Train a LoRA adapter as `lora-train` does and return the run's TrainResult (adapter_dir, metrics,
@@ -61,6 +85,7 @@ def _finished_result(cfg: Config) -> TrainResult | None:
     return TrainResult.from_saved_state(out, state) if state is not None else None
 
 
+@_quiet_libraries
 def estimate(config: ConfigLike, /, *overrides: str, gpu: str | None = None,
              quiet: bool = False, **sections: Mapping) -> Estimate:
     """The GPU memory a training step of this config needs, as `lora-train --estimate` computes it (from the model's
@@ -75,6 +100,7 @@ def estimate(config: ConfigLike, /, *overrides: str, gpu: str | None = None,
     return result
 
 
+@_quiet_libraries
 def merge(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, base: str | None = None,
           dtype: str | None = None, max_shard_size: str | int = "2GB", verify_logits: bool = False,
           overwrite: bool = False, revision: str | None = None, trust_remote_code: bool = False,
@@ -88,6 +114,7 @@ def merge(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, base
                          trust_remote_code=trust_remote_code, log=_printer(sys.stdout, quiet))
 
 
+@_quiet_libraries
 def generate(model: str | os.PathLike, prompt: str | Sequence[str] | None = None, *,
              prompt_file: str | os.PathLike | None = None, chat: TextIO | None = None,
              adapter: str | os.PathLike | None = None, merge: bool = False, load_in_4bit: bool = False,

@@ -172,12 +172,21 @@ def test_dry_run_returns_none_and_writes_nothing(tmp_path, tiny_model_dir):
 
 
 def test_estimate_returns_and_prints_the_estimate(capsys):
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_info()  # a caller's own settings: quiet during the call, restored after it
+    hf_logging.enable_progress_bar()
     fixture = REPO / "tests" / "fixtures" / "llama-3.2-3b"
     result = lora_cli.estimate(REPO / "configs" / "t4_3b.yaml", model={"name_or_path": str(fixture)}, gpu="t4")
     assert result.fits and result.gpu.memory_bytes == 15360 * 2**20
     assert "FITS" in capsys.readouterr().out
     quiet = lora_cli.estimate(REPO / "configs" / "t4_3b.yaml", f"model.name_or_path={fixture}", gpu="t4", quiet=True)
     assert quiet.to_json() == result.to_json() and capsys.readouterr().out == ""
+    assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(verbosity)
+    if not bars:
+        hf_logging.disable_progress_bar()
 
 
 # --- merge and generate ----------------------------------------------------------------------------------------
