@@ -35,7 +35,7 @@ def recorded(monkeypatch):
         calls["config"].append((revision, trust_remote_code))
         return real_stored(name)
 
-    import lora_cli.merge.stream as merge_stream
+    from lora_cli.merge import stream as merge_stream
 
     real_checkpoint = merge_stream._checkpoint
 
