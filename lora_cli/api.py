@@ -79,10 +79,14 @@ def train(config: ConfigLike, /, *overrides: str, dry_run: bool = False,
 def _finished_result(cfg: Config) -> TrainResult | None:
     """The result a finished run left in output_dir (train() returned None: there was nothing left to train)."""
     from .training import outdir
+    from .training.layout import MERGED_DIR
+    from .training.snapshot import scan
 
-    out = outdir.resolve_output_dir(cfg.train.output_dir)
-    state = outdir.result_state(out)
-    return TrainResult.from_saved_state(out, state) if state is not None else None
+    folder = scan(outdir.resolve_output_dir(cfg.train.output_dir))
+    if not folder.has_result or folder.result_state is None:
+        return None
+    merged = folder.path / MERGED_DIR
+    return TrainResult.from_saved_state(folder.path, folder.result_state, merged if merged.is_dir() else None)
 
 
 @_quiet_libraries
