@@ -135,10 +135,12 @@ def generate(model: str | os.PathLike, prompt: str | Sequence[str] | None = None
     text stream read line by line as a multi-turn conversation, like lora-generate --chat on stdin: returns the
     conversation as a list of {"role", "content"} messages). `output` also writes {"prompt", "response"} JSON
     lines to that file; `stream` prints each answer to stdout as it is generated (chat always does); `on_answer`
-    is called with (prompt, answer) after each one. Status lines go to stderr unless `quiet`. The model is loaded
-    once per call: pass all prompts together.
+    is called with (prompt, answer) after each one. `system` defaults to the system prompt the adapter was trained
+    with (data.system_prompt), if any. Status lines go to stderr unless `quiet`. The model is loaded once per call:
+    pass all prompts together.
     """
     from . import generate_io
+    from .chat_templates import trained_system_prompt
     from .generate import (SamplingSettings, chat_session, generate_text, generation_dtype, load_for_generation,
                            sampling_options)
 
@@ -149,10 +151,14 @@ def generate(model: str | os.PathLike, prompt: str | Sequence[str] | None = None
     )
     generate_io.check_output_file(output, prompt_file)
     generation_dtype(dtype, "cpu")  # only to validate dtype before the (slow) model load
+    status = _printer(sys.stderr, quiet)
     lm, tokenizer = load_for_generation(
         str(model), adapter, merge, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-        log=_printer(sys.stderr, quiet), load_in_4bit=load_in_4bit,
+        log=status, load_in_4bit=load_in_4bit,
     )
+    with_template = chat_template and getattr(tokenizer, "chat_template", None)
+    if system is None and with_template and (system := trained_system_prompt(adapter)) is not None:
+        status(f"system prompt: the one {adapter} was trained with (data.system_prompt); --system replaces it")
     with generate_io.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
         def answered(asked: str, answer: str) -> None:
             if out_file is not None:
