@@ -8,6 +8,7 @@ import importlib
 import inspect
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,24 @@ def test_the_api_names_stay_functions_after_their_modules_load():
         assert getattr(lora_cli, name).__module__ == "lora_cli.api"
     assert inspect.ismodule(importlib.import_module("lora_cli.train"))
     assert lora_cli.UserError is UserError
+
+
+# Reaching these modules through the package's attribute finds the function instead: an AttributeError far from
+# the cause. A from-import of the module's own names, or importlib.import_module("lora_cli.train"), works.
+SHADOWED = re.compile(r"from lora_cli import (train|merge|generate|estimate)\b|from \.\.? import (train|merge|generate|"
+                      r"estimate)\b|import lora_cli\.(train|merge|generate|estimate)\b[\w.]* as |"
+                      r"[\"']lora_cli\.(train|merge|generate|estimate)\.\w")
+
+
+def test_no_code_reaches_the_shadowed_modules_as_package_attributes():
+    offenders = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+                 for folder in ("lora_cli", "tests", "scripts") for path in sorted((REPO / folder).rglob("*.py"))
+                 if path.name != "test_api.py"
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                 if SHADOWED.search(line) and "lora_cli.train.train" not in line]
+    assert not offenders, ("lora_cli.train, .merge, .generate and .estimate are the API functions, not the modules: "
+                           "use `from lora_cli.train import NAME`, `from lora_cli.merge import stream`, or "
+                           "importlib.import_module('lora_cli.train'):\n" + "\n".join(offenders))
 
 
 def test_importing_the_package_loads_no_torch():
