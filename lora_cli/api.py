@@ -141,8 +141,14 @@ def generate(model: str | os.PathLike, prompt: str | Sequence[str] | None = None
     """
     from . import generate_io
     from .chat_templates import trained_system_prompt
-    from .generate import (SamplingSettings, chat_session, generate_text, generation_dtype, load_for_generation,
-                           sampling_options)
+    from .generate import (
+        SamplingSettings,
+        chat_session,
+        generate_text,
+        generation_dtype,
+        load_for_generation,
+        sampling_options,
+    )
 
     prompts = _prompts(prompt, prompt_file, chat)
     options = sampling_options(

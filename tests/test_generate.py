@@ -14,13 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 import tiny
+from helpers import randomise_lora
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.merge import merge_adapter
 from lora_cli.models import load_base_model
-from test_lora import randomise_lora
 
 gen = importlib.import_module("lora_cli.generate")  # the module; lora_cli.generate is the API function
 

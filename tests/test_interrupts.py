@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_config
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import outdir
 from lora_cli.training.checkpoint import save_checkpoint
 from lora_cli.training.signals import StopRequests
-from test_train import make_config
 
 train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
