@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import make_config
 from lora_cli import data
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.config.schema import DataSection
 from lora_cli.data import cache
-from test_train import make_config
 
 CHAT = [
     {"role": "system", "content": "You are nice."},

@@ -14,6 +14,7 @@ tokenized pieces) gives the same tokens the model sees at inference, and the off
 """
 
 from .batching import collate, collate_packed, length_grouped_batches, lengths_of, pack_rows, packed_batches
+from .build import DataOptions, build_datasets, build_in_memory
 from .cache import CachedExamples, load_data, load_or_build
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
 from .formats import FORMATS, alpaca_prompt, detect_format
@@ -21,7 +22,6 @@ from .from_config import build_from_config, options_from
 from .mixing import Source, SourceStats, source_lines
 from .preview import MASKED_STYLE, PLAIN_MARKS, TRAINED_STYLE, _label_runs, preview
 from .sources import DATA_EXTENSIONS, load_rows
-from .build import DataOptions, build_datasets, build_in_memory
 from .tokenize import tokenize_row
 
 __all__ = [

@@ -34,14 +34,22 @@ from typing import Callable
 import numpy as np
 
 from lora_cli.errors import UserError
-from lora_cli.fsutil import (atomic_write_text, disk_full_message, is_disk_full, lock_path_of, make_temp_dir,
-                             remove_stale_temp_dirs, sync_tree, take_lock)
+from lora_cli.fsutil import (
+    atomic_write_text,
+    disk_full_message,
+    is_disk_full,
+    lock_path_of,
+    make_temp_dir,
+    remove_stale_temp_dirs,
+    sync_tree,
+    take_lock,
+)
 
-from .examples import IGNORE_INDEX, DataBundle, DataStats, Example
-from .sources import load_hub, local_files
 from .build import DataOptions, Tokenized, data_stats, tokenize_sources
+from .examples import IGNORE_INDEX, DataBundle, DataStats, Example
 from .from_config import options_from
 from .mixing import SourceStats
+from .sources import load_hub, local_files
 
 CACHE_VERSION = 1  # raise it whenever a change to the data code changes the examples it writes
 KEEP_ENTRIES = 3  # entries kept in a cache folder; the least recently used beyond that are removed

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .build import DataOptions, build_in_memory
 from .examples import DataBundle
 from .mixing import Source, as_sources
-from .build import DataOptions, build_in_memory
 
 
 def options_from(cfg) -> DataOptions:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from lora_cli.errors import UserError
 
 
-
 @dataclass(frozen=True)
 class Source:
     """One entry of data.path: where the rows are, their format, the split (Hub datasets and split folders), and
