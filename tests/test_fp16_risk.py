@@ -8,10 +8,10 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
+from helpers import make_config
 from lora_cli.cli import train_app
-from lora_cli.models import choose_precision, fp16_risk
+from lora_cli.precision import choose_precision, fp16_risk
 from lora_cli.training.loop import nonfinite_message
-from test_train import make_config
 
 T4 = choose_precision("auto", capability=(7, 5))
 A100 = choose_precision("auto", capability=(8, 0))

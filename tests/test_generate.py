@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tiny
+from helpers import randomise_lora
 from lora_cli import generate as gen
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
@@ -20,7 +21,6 @@ from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.merge import merge_adapter
 from lora_cli.models import load_base_model
-from test_lora import randomise_lora
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 import lora_cli.train as train_module
+from helpers import make_config
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import outdir
 from lora_cli.training.checkpoint import save_checkpoint
 from lora_cli.training.signals import StopRequests
-from test_train import make_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 RESULT_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_config.yaml")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_merge import assert_close, base_plus_adapter, load, logits, make_our_adapter, merge
+from helpers import assert_close, base_plus_adapter, load, logits, make_our_adapter, merge
 
 
 def hidden(folder: Path) -> list[str]:

@@ -14,10 +14,18 @@ import torch
 from safetensors.torch import save_file
 
 import tiny
+from helpers import (
+    assert_close,
+    assert_error,
+    base_plus_adapter,
+    load,
+    logits,
+    make_our_adapter,
+    make_peft_adapter,
+    merge,
+)
 from lora_cli.merge import merge_adapter
 from lora_cli.safetensors_io import SafetensorsFile, write_streaming
-from test_merge import assert_close, assert_error, base_plus_adapter, load, logits, make_our_adapter, \
-    make_peft_adapter, merge
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -223,7 +231,7 @@ def test_peft_adapter_on_lm_head_with_its_saved_copy_of_the_head(tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from test_lora import randomise_lora
+    from helpers import randomise_lora
 
     base_dir = tiny.save_model("llama", tmp_path / "base")
     peft_model = get_peft_model(load(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],

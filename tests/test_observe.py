@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, interrupted_copy, make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import trackers as trackers_lib
-from test_resume import interrupted_copy
-from test_train import CHAT_ROWS, make_config
 
 runner = CliRunner()
 PROMPTS = ["Who is the mayor?", "What colour is the lighthouse?"]

@@ -11,8 +11,8 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, make_config
 from lora_cli.cli import train_app
-from test_train import CHAT_ROWS, make_config
 
 runner = CliRunner()
 

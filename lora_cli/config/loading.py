@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,14 +112,22 @@ def _parse_value(item: str, raw: str) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise UserError(
-            f"Override {item!r}: the value {raw!r} is not valid YAML. Fix it, or quote it as a YAML string "
-            f"inside shell quotes, e.g. {item.partition('=')[0]}='\"{raw}\"'."
-        ) from None
+        raise UserError(f"Override {item!r}: the value {raw!r} is not valid YAML. {_quoting_hint(item, raw)}") from None
     # Only unquoted text: `model.revision='"1e5"'` stays a string.
     if isinstance(value, str) and looks_like_number(raw):
         return float(raw)
     return value
+
+
+def _quoting_hint(item: str, raw: str) -> str:
+    """How to write the value so YAML reads it. A list keeps its brackets and each item is quoted: quoting the whole
+    `[Who is the mayor?]` would give one string (train.eval_prompts then reads it as a file path)."""
+    key = item.partition("=")[0]
+    if raw.lstrip().startswith("["):
+        items = [part.strip() for part in raw.strip().removeprefix("[").removesuffix("]").split(",") if part.strip()]
+        quoted = ", ".join(json.dumps(part, ensure_ascii=False) for part in items)
+        return f"Fix it, or quote each item of the list as a YAML string inside shell quotes, e.g. {key}='[{quoted}]'."
+    return f"Fix it, or quote it as a YAML string inside shell quotes, e.g. {key}='\"{raw}\"'."
 
 
 def _set_nested(target: dict, keys: list[str], value: Any, item: str) -> None:
@@ -130,7 +139,12 @@ def _set_nested(target: dict, keys: list[str], value: Any, item: str) -> None:
                 f"Override {item!r} sets a key inside {'.'.join(keys[: depth + 1])}, which an earlier override "
                 f"set to a plain value. Drop one of the two overrides."
             )
-    node[keys[-1]] = value
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        # A mapping merges into what earlier overrides set there (`lora.r=2 'lora={alpha: 4}'` keeps r=2), as it
+        # merges into the file's section; a key given twice takes the later value, as everywhere else
+        value = _deep_merge(node[last], value)
+    node[last] = value
 
 
 def _deep_merge(base: dict, updates: dict) -> dict:

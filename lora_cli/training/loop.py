@@ -14,7 +14,7 @@ import time
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
 from ..inject import lora_state_dict
-from ..models import fp16_risk
+from ..precision import fp16_risk
 from .checkpoint import load_lora_weights, save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate

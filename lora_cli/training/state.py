@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # types only: importing these here would load torch, transfor
 
     from ..config import Config
     from ..data import DataBundle
-    from ..models import PrecisionChoice
+    from ..precision import PrecisionChoice
     from .metrics import MetricsSink
     from .trackers import Trackers
 
