@@ -30,6 +30,13 @@ def collate(examples, plan: list[list[int]], pad_id: int, packing: bool) -> dict
     return data_lib.collate([examples[row[0]] for row in plan], pad_id)
 
 
+def dropout_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """The seed LoRA dropout draws one micro batch's masks from: a function of the micro batch (the run's seed, the
+    epoch, its place in the epoch), not of the process that trains it, so N processes draw the masks one process
+    draws with N times the gradient accumulation (and a resumed run the masks of the uninterrupted one)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch_index) % 2**63
+
+
 def total_steps(cfg: Config, batches_per_epoch: int, num_processes: int = 1) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
