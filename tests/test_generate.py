@@ -3,6 +3,7 @@ chat template handling, and clean errors."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -14,13 +15,14 @@ from typer.testing import CliRunner
 
 import tiny
 from helpers import randomise_lora
-from lora_cli import generate as gen
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.merge import merge_adapter
 from lora_cli.models import load_base_model
+
+gen = importlib.import_module("lora_cli.generate")  # the module; lora_cli.generate is the API function
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
 

@@ -9,6 +9,7 @@ cases skip below compute capability 8.0 (a T4): lora-cli never picks bf16 there.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -431,7 +432,7 @@ def adapter_folders(tmp_path_factory):
 
 
 def test_generation_on_cuda(adapter_folders):
-    from lora_cli import generate as gen
+    gen = importlib.import_module("lora_cli.generate")
 
     base, adapter = adapter_folders["base"], adapter_folders["adapter"]
     unmerged, tokenizer = gen.load_for_generation(base, adapter, dtype="float32")

@@ -3,6 +3,7 @@ load (tokenizer, config lookup, weights), and take the base's revision from the 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -33,7 +34,7 @@ def recorded(monkeypatch):
         calls["config"].append((revision, trust_remote_code))
         return real_stored(name)
 
-    import lora_cli.merge.stream as merge_stream
+    from lora_cli.merge import stream as merge_stream
 
     real_checkpoint = merge_stream._checkpoint
 
@@ -42,10 +43,10 @@ def recorded(monkeypatch):
         return real_checkpoint(source)
 
     monkeypatch.setattr(models, "load_tokenizer", tokenizer)
-    monkeypatch.setattr("lora_cli.merge.load_tokenizer", tokenizer)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "load_tokenizer", tokenizer)
     monkeypatch.setattr(models, "load_base_model", model)
     monkeypatch.setattr(merge_stream, "_checkpoint", checkpoint)
-    monkeypatch.setattr("lora_cli.merge.stored_dtype", stored)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "stored_dtype", stored)
     return calls
 
 

@@ -33,6 +33,7 @@ from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.inject import LoraSettings, apply_lora, merge_lora
 from lora_cli.lora import LoraLinear
 from lora_cli.merge import MERGED_ADAPTER_CONFIG_NAME, merge_adapter, save_merged
+from lora_cli.merge import stream as merge_stream
 from lora_cli.models import load_tokenizer
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, pa
     out = tmp_path / "out" / "merged"
     # A broken merge: the update is silently dropped (W stays W).
     if path == "streamed":  # caught by the per-tensor check
-        monkeypatch.setattr("lora_cli.merge.stream.merged_weight", lambda weight, *args, **kwargs: weight.float())
+        monkeypatch.setattr(merge_stream, "merged_weight", lambda weight, *args, **kwargs: weight.float())
         result = merge(adapter, out)
         assert_error(result, "Verification failed for model.layers.0.self_attn.q_proj.weight", "nothing was written")
     else:  # caught by the logits check

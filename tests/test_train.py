@@ -1,5 +1,6 @@
 """lora-train end to end on tiny models: learning, outputs, determinism, precision choice, errors."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_the_model_is_freed_when_train_returns(tmp_path, trainable_model_dir, mo
     import gc
     import weakref
 
-    import lora_cli.train as train_module
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     models = []
     real = train_module.prepare_model_and_data

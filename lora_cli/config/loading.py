@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +23,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
     return validate_config(data, source=str(path))
+
+
+def build_config(config: str | os.PathLike | Mapping | Config, overrides: Sequence[str] = (),
+                 sections: Mapping[str, Mapping] | None = None) -> Config:
+    """The Python API's config: a YAML file, a dict shaped like one, or a Config; then the dotted `overrides`
+    (as on the command line), then `sections` ({"train": {"max_steps": 2}}), each merged key by key, not
+    replacing a section. The caller's dicts are never changed."""
+    if isinstance(config, Config) and not overrides and not sections:
+        return config
+    if isinstance(config, Config):
+        data, source = config.model_dump(mode="json"), "The config"
+    elif isinstance(config, Mapping):
+        data, source = copy.deepcopy(dict(config)), "The config dict"
+    elif isinstance(config, (str, os.PathLike)):
+        data, source = _read_yaml(Path(config)), str(config)
+    else:
+        raise UserError(f"The config must be a YAML file's path, a dict of sections (model, lora, data, train) or a "
+                        f"Config, not {type(config).__name__}.")
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    for name, values in (sections or {}).items():
+        if not isinstance(values, Mapping):
+            raise UserError(f"{name}= takes a dict of that section's keys, e.g. train={{'max_steps': 2}} (got "
+                            f"{values!r}); for one key, a dotted string like 'train.max_steps=2' works too.")
+        data = _deep_merge(data, {name: copy.deepcopy(dict(values))})
+    return validate_config(data, source=source)
 
 
 def _read_yaml(path: Path) -> dict:
