@@ -82,6 +82,11 @@ def train_command(
         "Default: the GPU here, else a T4."
     ),
     json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="With --estimate: the GPUs the run is launched on (torchrun --nproc_per_node)."
+    ),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --estimate: shard the base over --processes GPUs "
+                              "(the same as train.fsdp=true)."),
     plot: Optional[Path] = typer.Option(
         None, "--plot", metavar="OUTPUT_DIR",
         help="Only draw OUTPUT_DIR/loss.png from the metrics of the run there (finished, running or interrupted).",
@@ -91,7 +96,9 @@ def train_command(
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     if plot is not None:
         _plot(plot, config, overrides, [flag for flag, given in (("--dry-run", dry_run), ("--estimate", estimate),
-                                                                  ("--json", json_output), ("--gpu", gpu)) if given])
+                                                                  ("--json", json_output), ("--gpu", gpu),
+                                                                  ("--processes", processes > 1), ("--fsdp", fsdp))
+                                        if given])
         return
     if config is None:
         raise UserError("Missing the config file: lora-train CONFIG.yaml [key=value ...] (see configs/ for examples), "
@@ -104,8 +111,14 @@ def train_command(
         raise UserError("Choose one of --estimate (memory only, from config.json; loads nothing) or --dry-run (loads "
                         "the model and data, and prints the estimate too).")
     if estimate:  # before anything loads a model or data
-        _print_estimate(cfg, gpu, json_output)
+        if fsdp:
+            cfg.train.fsdp = True
+        _print_estimate(cfg, gpu, json_output, processes)
         return
+    if processes > 1 or fsdp:
+        raise UserError("--processes and --fsdp go with --estimate (lora-train config.yaml --estimate --processes 2 "
+                        "--fsdp). To train on several GPUs, launch with torchrun --nproc_per_node N -m lora_cli train "
+                        "config.yaml train.fsdp=true.")
     if json_output or (gpu is not None and not dry_run):
         raise UserError("--json goes with --estimate, --gpu with --estimate or --dry-run, e.g. lora-train config.yaml "
                         "--estimate --gpu t4 --json")
@@ -141,12 +154,12 @@ def _resume_command(config: Path, overrides: List[str]) -> str:
     return shlex.join([*program, str(config), *kept, "train.resume_from_checkpoint=auto"])
 
 
-def _print_estimate(cfg, gpu: Optional[str], json_output: bool) -> None:
+def _print_estimate(cfg, gpu: Optional[str], json_output: bool, processes: int = 1) -> None:
     import json
 
     from .estimate import estimate_for_config, format_estimate
 
-    result = estimate_for_config(cfg, gpu)
+    result = estimate_for_config(cfg, gpu, processes=processes)
     print(format_estimate(result), flush=True)
     if json_output:
         print(json.dumps(result.to_json()), flush=True)

@@ -24,7 +24,7 @@ from .inject import apply_lora, lora_state_dict
 from .losses import CausalLMLoss
 from .models import (PrecisionChoice, base_dtype, base_quantization, check_4bit_dtype, choose_precision, fp16_risk,
                      load_base_model, load_tokenizer)
-from .training import outdir, trackers
+from .training import fsdp, outdir, trackers
 from .training.checkpoint import (
     load_rng_state,
     load_training_state,
@@ -125,12 +125,14 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
+    fsdp_kwargs = fsdp.accelerator_kwargs(cfg)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu",
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, **fsdp_kwargs)
     check_distributed_type(accelerator)
     main = accelerator.is_main_process
     quiet = quiet or not main
     say = _printer(main)
+    sharding = fsdp.sharding_for(accelerator, cfg, fsdp_kwargs, say)
     plan = _plan(cfg, out, dry_run, main, say, accelerator, cleanup)
     if plan.finished:
         say(plan.finished, markup=False)
@@ -153,6 +155,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
+    sharding.prepare_model(model)
     optimizer = make_optimizer(model, cfg)
     first_epoch = make_batches(bundle.train, cfg, 0)
     if cfg.data.packing:
@@ -165,8 +168,11 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object
     # inside it (for evaluation, packing and saving).
     loss_model, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, scheduler)
+    sharding.prepared(loss_model)
+    if sharding.active:
+        say(fsdp.sharded_line(sharding, model, world), markup=False)
     run = Run(cfg, accelerator, precision, tokenizer, model, loss_model, optimizer, scheduler, bundle,
-              report.target_modules, out, steps, None, quiet, say=say)
+              report.target_modules, out, steps, None, quiet, say=say, sharding=sharding)
     run.prompts, run.started = prompts, started
     _start(run, plan, cleanup)
     return run
@@ -269,12 +275,14 @@ def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainRe
     if state.skipped_steps:
         run.say(f"[yellow]{state.skipped_steps} updates were skipped (non-finite loss, or fp16 overflow).")
     result = TrainResult(run.out, state, last_loss, last_eval["eval_loss"] if last_eval else None)
+    lora_tensors = run.sharding.lora_tensors(run.model)  # under FSDP gathered from the shards: every process calls
     run.accelerator.wait_for_everyone()
     if not run.main:
         return result
     _end_trackers(run)  # their files are closed before output_dir is swapped for the result
     later = ("merged",) if t.merge_at_end else ()
-    outdir.publish(run.out, lambda folder: _write_result(run, folder), state.run_id, _result_bytes(run), later)
+    outdir.publish(run.out, lambda folder: _write_result(run, folder, lora_tensors), state.run_id,
+                   _result_bytes(run), later)
     run.say(f"adapter saved to {run.out}", markup=False)
     if t.merge_at_end:
         result.merged_dir = _merge_at_end(run)
@@ -304,10 +312,10 @@ def _end_trackers(run: Run) -> None:
         run.trackers.end()
 
 
-def _write_result(run: Run, folder: Path) -> None:
+def _write_result(run: Run, folder: Path, lora_tensors: dict) -> None:
     """Everything the finished run's output_dir holds besides what it carries over (checkpoints, runs/)."""
     cfg = run.cfg
-    save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, run.state)
+    save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, run.state, lora_tensors)
     atomic_write_text(folder / METRICS_NAME, to_jsonl(run.state.log_history))
     if run.state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(run.state.samples))

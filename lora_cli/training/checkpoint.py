@@ -51,9 +51,11 @@ def lora_settings(cfg: Config) -> LoraSettings:
     return LoraSettings(**cfg.lora.model_dump())
 
 
-def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None) -> None:
+def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None,
+                        lora_tensors: dict | None = None) -> None:
     """An adapter folder that PEFT loads, plus the tokenizer and the resolved config."""
-    save_adapter(model, folder, lora_settings(cfg), target_modules, cfg.model.name_or_path, cfg.model.revision)
+    save_adapter(model, folder, lora_settings(cfg), target_modules, cfg.model.name_or_path, cfg.model.revision,
+                 lora_tensors)
     tokenizer.save_pretrained(folder)
     atomic_write_text(folder / CONFIG_COPY_NAME, config_to_yaml(cfg))
     if state is not None:
@@ -72,13 +74,15 @@ def save_checkpoint(run: Run, best: dict | None) -> Path | None:
     """Write checkpoint-<global_step>/ (main process; every process calls this: RNG states are gathered) and prune
     the run's older checkpoints beyond train.save_total_limit."""
     rng_states = _gather(run.accelerator, rng_state())
+    # Under FSDP gathering the LoRA weights and optimizer moments from the shards is a collective, too.
+    lora_tensors, optimizer_state = run.sharding.lora_tensors(run.model), run.sharding.optimizer_state(run.optimizer)
     if not run.main:
         return None
     final = run.out / f"{PREFIX}{run.state.global_step}"
     try:
         with atomic_dir(final, overwrite=True) as tmp:
-            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state)
-            _save_torch(tmp / OPTIMIZER_NAME, run.optimizer.state_dict())
+            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state, lora_tensors)
+            _save_torch(tmp / OPTIMIZER_NAME, optimizer_state)
             _save_torch(tmp / SCHEDULER_NAME, run.scheduler.state_dict())
             scaler = getattr(run.accelerator, "scaler", None)
             if scaler is not None:
@@ -218,11 +222,8 @@ def load_training_state(path: Path, run: Run) -> tuple[TrainState, dict | None]:
     """Restore LoRA weights, optimizer, schedule and loss scaler from a checkpoint; return its state and the best
     weights kept for train.load_best_at_end. RNG states are restored separately, last (set_rng_state)."""
     tensors = _load_tensors(path / WEIGHTS_NAME)
-    own = dict(run.model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            own[key.removeprefix("base_model.model.")].copy_(tensor)
-    run.optimizer.load_state_dict(_load_torch(path / OPTIMIZER_NAME))
+    run.sharding.load_lora_tensors(run.model, {key.removeprefix("base_model.model."): t for key, t in tensors.items()})
+    run.sharding.load_optimizer_state(run.optimizer, _load_torch(path / OPTIMIZER_NAME))
     run.scheduler.load_state_dict(_load_torch(path / SCHEDULER_NAME))
     scaler = getattr(run.accelerator, "scaler", None)
     if scaler is not None and (path / SCALER_NAME).is_file():

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
-from ..inject import lora_state_dict
 from ..models import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
@@ -44,7 +42,8 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     run.sink.show = record_printer(progress, run.quiet)
     task = progress.add_task("training", total=run.total_steps, completed=state.global_step, loss=float("nan"),
                              lr=run.scheduler.get_last_lr()[0], tps=0.0)
-    with progress, packing_lib.packed_attention(run.model, accelerator.device, packing):
+    call_model = lambda fn: run.sharding.call_model(run.model, fn)  # noqa: E731 (under FSDP: via the loss module)
+    with progress, packing_lib.packed_attention(run.model, accelerator.device, packing, call_model):
         while state.global_step < run.total_steps and not state.stopped_early:
             batches = make_batches(bundle.train, cfg, state.epoch)
             groups = [batches[i : i + window] for i in range(state.batch_in_epoch, len(batches), window)]
@@ -168,7 +167,8 @@ def evaluate_and_track(run: Run) -> dict | None:
 def validate_and_track(run: Run) -> dict:
     """Evaluate, log, and keep the early-stopping and best-adapter bookkeeping."""
     state, t = run.state, run.cfg.train
-    metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator)
+    metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator,
+                       sharded_loss=run.loss_model if run.sharding.active else None)
     record = {"step": state.global_step, **metrics}
     run.sink.log(record, state.log_history)
     loss, best = metrics["eval_loss"], state.best_eval_loss
@@ -178,8 +178,8 @@ def validate_and_track(run: Run) -> dict:
         state.evals_without_improvement += 1
     if best is None or loss < best:
         state.best_eval_loss, state.best_step = loss, state.global_step
-        if t.load_best_at_end:
-            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(run.model).items()}
+        if t.load_best_at_end:  # under FSDP gathered from the shards, on every process (each restores its shard)
+            run.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
     patience = t.early_stopping_patience
     if patience and state.evals_without_improvement >= patience and not state.stopped_early:
         state.stopped_early = True
@@ -195,10 +195,7 @@ def restore_best(run: Run) -> None:
     """train.load_best_at_end: put the best evaluated LoRA weights back before the final save."""
     if not run.best_weights:
         return
-    params = dict(run.model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in run.best_weights.items():
-            params[key].copy_(tensor)
+    run.sharding.load_lora_tensors(run.model, run.best_weights)
 
 
 def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .fsdp import Sharding
+
 
 @dataclass
 class TrainState:
@@ -80,6 +82,8 @@ class Run:
     started: float = 0.0  # time.perf_counter() when setup began, for the closing summary
     start_step: int = 0  # where this part of the run began (a resumed run: the checkpoint's step)
     samples_seconds: float = 0.0  # time spent answering train.eval_prompts in this part, for the closing summary
+    # training.fsdp.Sharding: how whole tensors are read from and written to the model (FSDP shards them)
+    sharding: Sharding = field(default_factory=Sharding)
 
     @property
     def main(self) -> bool:
