@@ -65,8 +65,11 @@ def fsdp_pair(tmp_path: Path, model_dir: Path, data: dict, **train) -> tuple[Pat
 
 @pytest.mark.parametrize("arch,packing", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
 def test_fsdp_trains_what_one_process_trains(tmp_path, trainable_model_dir, arch, packing):
-    """The same losses, gradient norms, evaluations and adapter; one writer; each process holds half the weights."""
-    evaluated = {"eval_steps": 3, "eval_prompts": ["Where is the lighthouse?"], "eval_max_new_tokens": 4}
+    """The same losses, gradient norms, evaluations, sample answers and adapter; one writer; each process holds half
+    the weights. The best adapter is kept (gathered at every evaluation, put back into the shards at the end) and
+    merged at the end."""
+    evaluated = {"eval_steps": 3, "eval_prompts": ["Where is the lighthouse?"], "eval_max_new_tokens": 4,
+                 "load_best_at_end": True, "merge_at_end": packing}
     model_dir = without_dropout(trainable_model_dir(arch), tmp_path / "model")
     one, two = fsdp_pair(tmp_path, model_dir, {"packing": packing, "max_length": 24, "val_size": 3}, **evaluated)
     single = run_train(one, 1)
@@ -96,6 +99,8 @@ def test_fsdp_trains_what_one_process_trains(tmp_path, trainable_model_dir, arch
     expected_samples = [json.loads(line) for line in (out_one / "samples.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in samples] == [r["answer"] for r in expected_samples]
     adapters_match(out_one, out_two)
+    if packing:
+        assert (out_two / "merged" / "config.json").is_file()
 
 
 def start_torchrun(config: Path, processes: int = 2) -> subprocess.Popen:
