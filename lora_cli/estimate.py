@@ -18,8 +18,8 @@ from .config import Config
 from .errors import UserError
 from .inject import LoraSettings
 from .losses import chunk_rows
-from .memory_model import GiB, MiB, ModelFacts, StepShape, build_meta_model, fsdp_parts, model_facts, step_parts
-from .models import base_dtype, check_source, choose_precision, nonpositive_sizes
+from .memory_model import GiB, MiB, ModelFacts, StepShape, fsdp_parts, model_facts, step_parts
+from .models import base_dtype, build_meta_model, check_source, choose_precision, nonpositive_sizes
 
 
 @dataclass(frozen=True)
