@@ -6,8 +6,8 @@
 
 Builds a random Llama-shaped model in a temporary folder, then runs lora-train on it three ways: one process, two
 DDP processes (torchrun), two FSDP processes (torchrun, train.fsdp=true), alternating when repeated. Each process
-reports, when it exits, its peak RSS (VmHWM) and its RSS at the end (VmRSS), and lora-train's FSDP line gives the
-parameter bytes each process holds. On CPU the model's memory is the process's RAM, so RSS is what a GPU's memory
+reports, when training has ended (before the final save), its peak RSS so far (VmHWM) and its RSS then (VmRSS), and
+lora-train's FSDP line gives the parameter bytes each process holds. On CPU the model's memory is the process's RAM, so RSS is what a GPU's memory
 would be; process 0 of an FSDP run reads the whole model from disk (CPU-RAM-efficient loading: the others receive
 their shards from it), so its peak holds the whole base once while loading.
 """
@@ -27,16 +27,19 @@ REPO = Path(__file__).resolve().parent.parent
 MARK = "BENCH_FSDP_RSS "
 
 
-def report_at_exit() -> None:
-    """In a worker: print this process's peak and final RSS when it exits."""
-    import atexit
+def report_when_trained() -> None:
+    """In a worker: print this process's peak RSS and its RSS when training ends (before the final save)."""
+    import lora_cli.train as train_module
 
-    def report():
+    finish = train_module.finish
+
+    def report_then_finish(run, *args, **kwargs):
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         kib = {k: int(fields[k].split()[0]) for k in ("VmHWM", "VmRSS")}
         print(MARK + json.dumps({"rank": int(os.environ.get("RANK", "0")), **kib}), file=sys.stderr, flush=True)
+        return finish(run, *args, **kwargs)
 
-    atexit.register(report)
+    train_module.finish = report_then_finish
 
 
 def make_model(folder: Path, layers: int) -> int:
@@ -73,14 +76,16 @@ def write_config(root: Path, model: Path, name: str, fsdp: bool, steps: int) -> 
 
 
 def run(config: Path, processes: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "BENCH_FSDP_WORKER": "1"}
+    # Large allocations from mmap, so that what a process frees goes back to the system and RSS shows what is live
+    # (glibc otherwise keeps freed tensors in its heap: a broadcast's or all-gather's buffers would stay counted).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "131072"}
     worker = [str(Path(__file__).resolve()), "--worker", str(config)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *worker]
            if processes > 1 else [sys.executable, *worker])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-    ranks = [json.loads(line[len(MARK):]) for line in done.stderr.splitlines() if line.startswith(MARK)]
+    ranks = [json.loads(found) for found in re.findall(re.escape(MARK) + r"(\{[^}]*\})", done.stderr)]
     held = re.search(r"([\d.]+ [MG]iB) held by each", done.stderr.replace("\n", " "))
     return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "held": held.group(1) if held else None}
 
@@ -93,8 +98,8 @@ def main() -> None:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        report_at_exit()
-        sys.argv = ["lora-train", str(args.worker)]
+        report_when_trained()
+        sys.argv = ["lora-train", "train", str(args.worker)]
         from lora_cli.cli import main as lora_main
 
         lora_main()
@@ -107,8 +112,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, (fsdp, processes) in runs.items():
                 result = run(write_config(root, root / "model", name.replace(" ", ""), fsdp, args.steps), processes)
-                cells = ", ".join(f"rank {r['rank']}: peak {r['VmHWM'] / 1024:.0f} MiB, end {r['VmRSS'] / 1024:.0f} "
-                                  "MiB" for r in result["ranks"])
+                cells = ", ".join(f"rank {r['rank']}: peak {r['VmHWM'] / 1024:.0f} MiB, trained {r['VmRSS'] / 1024:.0f}"
+                                  " MiB" for r in result["ranks"])
                 held = f"; weights held per process {result['held']}" if result["held"] else ""
                 print(f"[{repeat + 1}] {name:10s} {cells}{held}", flush=True)
 
