@@ -20,7 +20,20 @@ def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator, s
     `sharded_loss`: under FSDP the prepared loss module, through which the loss must run (its forward gathers the
     sharded weights, a collective), equally often on every process: one short of a batch repeats one, ignored.
     """
+    was_training = model.training
     model.eval()
+    try:  # an error (out of memory, Ctrl-C) must not leave the model in eval mode: dropout would stay off
+        total_loss, total_tokens = _sums(model, examples, pad_token_id, batch_size, accelerator, sharded_loss)
+    finally:
+        model.train(was_training)
+    total_loss = sum_over_processes(accelerator, total_loss)
+    total_tokens = round(sum_over_processes(accelerator, float(total_tokens)))
+    mean = total_loss / max(total_tokens, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
+
+
+def _sums(model, examples, pad_token_id: int, batch_size: int, accelerator, sharded_loss) -> tuple[float, int]:
+    """This process's share: (sum of token losses, trained tokens)."""
     total_loss, total_tokens = 0.0, 0
     lengths = [len(ex.input_ids) for ex in examples]
     order = sorted(range(len(examples)), key=lengths.__getitem__)
@@ -36,8 +49,4 @@ def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator, s
             loss_sum, n_tokens = causal_lm_loss(model, batch) if sharded_loss is None else sharded_loss(**batch)
         total_loss += loss_sum.item() * weight
         total_tokens += n_tokens * weight
-    model.train()
-    total_loss = sum_over_processes(accelerator, total_loss)
-    total_tokens = round(sum_over_processes(accelerator, float(total_tokens)))
-    mean = total_loss / max(total_tokens, 1)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
+    return total_loss, total_tokens

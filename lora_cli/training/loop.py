@@ -8,8 +8,8 @@ boundaries (every train.save_steps, every train.save_minutes, and on Ctrl-C / SI
 from __future__ import annotations
 
 import math
+import signal
 import time
-
 
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
@@ -17,6 +17,7 @@ from ..models import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
+from .layout import checkpoint_dir
 from .plan import collate, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests
@@ -25,7 +26,9 @@ from .step import accumulate_gradients, share_of_window, sum_over_processes
 
 
 def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
-    """Train until run.total_steps updates are applied (or early stopping); (last step's loss, last evaluation)."""
+    """Train run.model with run.optimizer on run.bundle.train, evaluating on run.bundle.val, as run.cfg says, until
+    run.total_steps updates are applied (or early stopping); every record goes through run.sink. Changes run.state
+    and run.loop only. Returns (the last step's loss, the last evaluation)."""
     cfg, accelerator, state, bundle = run.cfg, run.accelerator, run.state, run.bundle
     t = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -36,7 +39,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     last_eval = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
     start_time = window_start = time.perf_counter()
     window_real_tokens = 0
-    run.last_save = time.monotonic()
+    run.loop.last_save = time.monotonic()
 
     progress = progress_bar(run.quiet)
     run.sink.show = record_printer(progress, run.quiet)
@@ -88,8 +91,8 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
                 if state.global_step >= run.total_steps or state.stopped_early:
                     break
                 if _checkpoint_due(run):
-                    save_checkpoint(run, run.best_weights)
-                    run.last_save, run.last_checkpoint_step = time.monotonic(), state.global_step
+                    save_checkpoint(run)
+                    run.loop.last_save, run.loop.last_checkpoint_step = time.monotonic(), state.global_step
                 _stop_if_asked(run, stop)
             else:  # the epoch ran out before max_steps
                 state.epoch += 1
@@ -135,7 +138,7 @@ def _checkpoint_due(run: Run) -> bool:
     decides for all, so every process takes part in the same saves)."""
     t, step = run.cfg.train, run.state.global_step
     due = bool(t.save_steps and step % t.save_steps == 0)
-    if t.save_minutes and run.main and time.monotonic() - run.last_save >= 60 * t.save_minutes:
+    if t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes:
         due = True
     return _any_process(run, due)
 
@@ -145,9 +148,10 @@ def _stop_if_asked(run: Run, stop: StopRequests) -> None:
     if not _any_process(run, stop.signum is not None):
         return
     step = run.state.global_step
-    if run.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
-        save_checkpoint(run, run.best_weights)
-    raise TrainingStopped(stop.signum or 15, step, run.out / f"checkpoint-{step}")
+    if run.loop.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
+        save_checkpoint(run)
+    # The signal number of the process that asked; another process only learns that one did, so SIGTERM there.
+    raise TrainingStopped(stop.signum or signal.SIGTERM, step, checkpoint_dir(run.out, step), main=run.main)
 
 
 def _any_process(run: Run, flag: bool) -> bool:
@@ -178,8 +182,9 @@ def validate_and_track(run: Run) -> dict:
         state.evals_without_improvement += 1
     if best is None or loss < best:
         state.best_eval_loss, state.best_step = loss, state.global_step
-        if t.load_best_at_end:  # under FSDP gathered from the shards, on every process (each restores its shard)
-            run.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
+        if t.load_best_at_end:
+            # Under FSDP gathered from the shards, on every process (each puts its shard back at the end).
+            run.loop.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
     patience = t.early_stopping_patience
     if patience and state.evals_without_improvement >= patience and not state.stopped_early:
         state.stopped_early = True
@@ -193,9 +198,8 @@ def validate_and_track(run: Run) -> dict:
 
 def restore_best(run: Run) -> None:
     """train.load_best_at_end: put the best evaluated LoRA weights back before the final save."""
-    if not run.best_weights:
-        return
-    run.sharding.load_lora_tensors(run.model, run.best_weights)
+    if run.loop.best_weights:
+        run.sharding.load_lora_tensors(run.model, run.loop.best_weights)
 
 
 def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,
