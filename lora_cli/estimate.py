@@ -19,7 +19,8 @@ from .errors import UserError
 from .inject import lora_settings
 from .losses import chunk_rows
 from .memory_model import GiB, MiB, ModelFacts, StepShape, fsdp_parts, model_facts, step_parts
-from .models import base_dtype, build_meta_model, check_source, choose_precision, nonpositive_sizes
+from .models import build_meta_model, check_source, nonpositive_sizes
+from .precision import base_dtype, choose_precision, dtype_name
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
     shape = StepShape(
         micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, packing=cfg.data.packing,
         checkpointing=cfg.train.gradient_checkpointing, weight_bytes=weights.itemsize,
-        compute_bytes=2 if half else 4, load_in_4bit=bool(getattr(cfg.model, "load_in_4bit", False)),
+        compute_bytes=2 if half else 4, load_in_4bit=cfg.model.load_in_4bit,
         padded=padded,
     )
     if facts.model_type not in _MEASURED_FAMILIES:
@@ -214,7 +215,7 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
     if processes > 1:
         notes.append(f"per GPU of {processes}, the base sharded {processes} ways (FSDP)" if sharded else
                      f"per GPU of {processes}: each holds the whole base (data parallel; train.fsdp=true shards it)")
-    estimate = Estimate(cfg.model.name_or_path, spec, precision.precision, str(weights).split(".")[1], facts, shape,
+    estimate = Estimate(cfg.model.name_or_path, spec, precision.precision, dtype_name(weights), facts, shape,
                         parts_of(shape), notes)
     if not estimate.fits:
         estimate.suggestions = suggestions(facts, shape, spec, cfg, parts_of, four_bit=not sharded)

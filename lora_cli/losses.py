@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .data.examples import IGNORE_INDEX
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")  # what of a batch the decoder takes
 # Rows per chunk: 32 MiB of fp32 logits, but never fewer than 256 rows. Measured (docs/BENCHMARKS.md, CPU fp32):
 # with a 32k vocabulary 256 rows are fastest (17% faster than transformers' full logits; 64 rows lose 13%, 1024+

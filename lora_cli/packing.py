@@ -1,4 +1,5 @@
-"""The model side of sample packing (data.packing: true); the data side is in data.py (pack_rows, collate_packed).
+"""The model side of sample packing (data.packing: true); the data side is data/batching.py (pack_rows,
+collate_packed).
 
 A packed row holds several examples, each with its own position ids (0, 1, 2, ...) and no attention_mask. Most
 decoders in transformers 5 then find the example boundaries from the position ids and attend block-diagonally
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from . import data as data_lib
 from .errors import UserError
 from .losses import MODEL_INPUT_KEYS
+from .precision import dtype_name
 
 PACKED_SDPA = "lora_cli_packed_sdpa"
 
@@ -168,7 +170,7 @@ def _non_finite_message(dtype: torch.dtype) -> str:
             "take twice the memory); a T4 has no bf16, so there it is fp32."
         )
     return (
-        f"The model gives non-finite values in {str(dtype).replace('torch.', '')}: {where}, so its weights are "
+        f"The model gives non-finite values in {dtype_name(dtype)}: {where}, so its weights are "
         "probably corrupt or hold inf/NaN. This is not a packing problem; check the model files (training fails the "
         "same way with data.packing=false)."
     )

@@ -19,15 +19,15 @@ from .config import Config
 from .errors import TrainingStopped, UserError
 from .inject import apply_lora, lora_settings
 from .losses import CausalLMLoss
-from .models import (
+from .models import load_base_model, load_tokenizer
+from .precision import (
     PrecisionChoice,
     base_dtype,
     base_quantization,
     check_4bit_dtype,
     choose_precision,
+    dtype_name,
     fp16_risk,
-    load_base_model,
-    load_tokenizer,
 )
 from .training import console, fsdp, outdir, resume, start, trackers
 from .training.loop import fit
@@ -179,7 +179,7 @@ def _total_steps(cfg: Config, bundle, world: int, say) -> int:
 
 
 def _four_bit_line(cfg: Config, precision: PrecisionChoice) -> str:
-    rest = str(base_dtype(cfg.model.dtype, precision)).split(".")[1]
+    rest = dtype_name(base_dtype(cfg.model.dtype, precision))
     return (f"base: linear layers in 4-bit NF4 (double quantization, computing in {precision.precision}); embeddings, "
             f"norms and head in {rest}")
 

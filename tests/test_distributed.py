@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_train import make_config
+from helpers import make_config
 
 # Thirteen examples of different lengths, three held out for validation (split over the processes unevenly): the
 # ten left make 5 micro batches of 2 an epoch, so windows of 2 micro batches leave a last window of 1, which the

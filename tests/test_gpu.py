@@ -9,6 +9,7 @@ cases skip below compute capability 8.0 (a T4): lora-cli never picks bf16 there.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -27,7 +28,7 @@ import tiny
 
 HAS_CUDA = torch.cuda.is_available()
 CAPABILITY = torch.cuda.get_device_capability(0) if HAS_CUDA else (0, 0)
-HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (models.choose_precision), not torch.cuda.is_bf16_supported()
+HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (precision.choose_precision), not torch.cuda.is_bf16_supported()
 DEVICE = "cuda"
 
 pytestmark = [
@@ -219,8 +220,8 @@ def test_chunked_loss_backward_at_one_token_and_the_initial_loss_scale_on_cuda()
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
 def test_model_loss_and_lora_grads_match_transformers_on_cuda(dtype):
     """causal_lm_loss (decoder + chunked frozen head) vs transformers' own loss, on a half base with fp32 LoRA."""
+    from helpers import padded_batch, plain_loss_sum, trainable
     from lora_cli.losses import causal_lm_loss
-    from test_losses import padded_batch, plain_loss_sum, trainable
 
     model = _half_lora_model("llama", dtype)
     batch = {k: v.to(DEVICE) for k, v in padded_batch().items()}
@@ -240,8 +241,8 @@ def test_model_loss_and_lora_grads_match_transformers_on_cuda(dtype):
 
 def _half_lora_model(arch: str, dtype: torch.dtype, dropout: float = 0.0):
     """A tiny model, base in `dtype` and frozen, fp32 LoRA on all linear layers (randomised), on the GPU."""
+    from helpers import randomise_lora
     from lora_cli.inject import LoraSettings, apply_lora
-    from test_lora import randomise_lora
 
     model = tiny.make_model(arch, dtype=dtype)
     model.requires_grad_(False)
@@ -273,7 +274,7 @@ def trained_models():
 
 
 def _config(tmp_path: Path, model_dir: Path, **sections) -> Path:
-    from test_train import make_config
+    from helpers import make_config
 
     return make_config(tmp_path, model_dir, **sections)
 
@@ -369,11 +370,10 @@ def test_packing_on_cuda_with_the_memory_efficient_kernel(dtype):
     trained with only sdpa's memory-efficient kernel allowed gives the loss and LoRA gradients of the padded one."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from helpers import examples, trainable
     from lora_cli import data
     from lora_cli.losses import causal_lm_loss
     from lora_cli.packing import check_packing_supported, packed_attention
-    from test_losses import trainable
-    from test_packing import examples
 
     model = _half_lora_model("llama", dtype)  # grouped-query attention: 4 query heads, 2 k/v heads
     exs = examples([11, 4, 8, 6, 13])
@@ -416,10 +416,10 @@ def test_packed_training_on_cuda(tmp_path, trainable_model_dir):
 @pytest.fixture(scope="module")
 def adapter_folders(tmp_path_factory):
     """A tiny llama base and a randomised adapter for it (built on the CPU)."""
+    from helpers import randomise_lora
     from lora_cli.adapter import save_adapter
     from lora_cli.inject import LoraSettings, apply_lora
     from lora_cli.models import load_base_model
-    from test_lora import randomise_lora
 
     root = tmp_path_factory.mktemp("gpu_generate")
     base = tiny.save_model("llama", root / "base")
@@ -432,7 +432,7 @@ def adapter_folders(tmp_path_factory):
 
 
 def test_generation_on_cuda(adapter_folders):
-    from lora_cli import generate as gen
+    gen = importlib.import_module("lora_cli.generate")
 
     base, adapter = adapter_folders["base"], adapter_folders["adapter"]
     unmerged, tokenizer = gen.load_for_generation(base, adapter, dtype="float32")
@@ -543,14 +543,13 @@ def test_bench_script_fp16_end_to_end(tmp_path, tiny_model_dir):
     assert "| fixed | lora-cli |" in proc.stdout
 
 
-
 # --- 9. QLoRA: a 4-bit base on CUDA -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory):
     """A trainable tiny llama of hidden size 64 (4-bit quantizes in blocks of 64 values)."""
-    from test_qlora import save_wide
+    from helpers import save_wide
 
     return save_wide("llama", tmp_path_factory.mktemp("wide_llama"), init_range=0.2)
 

@@ -20,10 +20,11 @@ Precision = Literal["auto", "fp16", "bf16", "fp32"]
 DataFormat = Literal["auto", "text", "alpaca", "chat", "prompt_completion"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 LoraInit = Literal["default", "gaussian"]
+INIT_CHOICES = get_args(LoraInit)  # LoraLinear checks its `init` against the same names
 Optimizer = Literal["adamw"]  # torch.optim.AdamW; a Literal so more can be added without a type change
 Tracker = Literal["tensorboard", "wandb"]  # experiment trackers, run through Accelerate's tracker classes
 
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # target_modules' PEFT keyword: every linear layer but the output head
 
 
 class _Section(BaseModel):

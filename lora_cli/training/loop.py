@@ -13,7 +13,7 @@ import time
 
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
-from ..models import fp16_risk
+from ..precision import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
