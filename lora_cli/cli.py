@@ -74,6 +74,10 @@ def train_command(
         None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load model and data, print what would be trained, stop."),
+    prepare: bool = typer.Option(
+        False, "--prepare", help="Only tokenize the data into its cache (data.cache_dir) and print the data summary: "
+        "later runs start without tokenizing. Loads no model; runs on a CPU."
+    ),
     estimate: bool = typer.Option(
         False, "--estimate", help="Estimate the GPU memory a training step needs (reads only config.json), then stop."
     ),
@@ -97,8 +101,8 @@ def train_command(
     if plot is not None:
         _plot(plot, config, overrides, [flag for flag, given in (("--dry-run", dry_run), ("--estimate", estimate),
                                                                   ("--json", json_output), ("--gpu", gpu),
-                                                                  ("--processes", processes > 1), ("--fsdp", fsdp))
-                                        if given])
+                                                                  ("--processes", processes > 1), ("--fsdp", fsdp),
+                                                                  ("--prepare", prepare)) if given])
         return
     if config is None:
         raise UserError("Missing the config file: lora-train CONFIG.yaml [key=value ...] (see configs/ for examples), "
@@ -111,6 +115,14 @@ def train_command(
     if estimate and dry_run:
         raise UserError("Choose one of --estimate (memory only, from config.json; loads nothing) or --dry-run (loads "
                         "the model and data, and prints the estimate too).")
+    if prepare and (estimate or dry_run or gpu is not None or json_output):
+        raise UserError("--prepare only tokenizes the data into its cache; run it alone (lora-train config.yaml "
+                        "--prepare), then --dry-run or --estimate separately.")
+    if prepare:
+        from .train import prepare_data
+
+        prepare_data(cfg)
+        return
     if estimate:  # before anything loads a model or data
         if fsdp:
             cfg.train.fsdp = True

@@ -240,7 +240,9 @@ def _sequence_length(cfg: Config, data, tokenize: bool, notes: list[str]) -> tup
         notes.append(f"sequence length: data.max_length={max_length} (the longest example is not known without "
                      "tokenizing the data)")
         return max_length, True
-    lengths = [len(example) for example in data.train]
+    from .data import lengths_of
+
+    lengths = lengths_of(data.train)
     longest = min(max(lengths), max_length)
     padded = sum(n >= longest for n in lengths) < cfg.train.micro_batch_size
     notes.append(f"sequence length: the longest example, {longest} tokens (data.max_length={max_length})"

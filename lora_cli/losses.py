@@ -79,7 +79,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, **batch) -> tuple[torch.Tensor, int]:
+    def forward(self, dropout_seed: int | None = None, **batch) -> tuple[torch.Tensor, int]:
+        if dropout_seed is not None:  # LoRA dropout: this micro batch's masks (training.plan.dropout_seed)
+            torch.manual_seed(dropout_seed)
         return causal_lm_loss(self.model, batch)
 
     def call_model(self, fn, *args, **kwargs):

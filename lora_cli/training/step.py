@@ -52,7 +52,7 @@ def accumulate_gradients(accelerator, loss_model, mine: list[tuple[dict, float]]
     scale = accelerator.num_processes / max(n_trained, 1)
     window_loss = 0.0
     for i, (batch, weight) in enumerate(mine):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         last = i == len(mine) - 1  # gradients are synchronised once, on the window's last backward
         with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
             with accelerator.autocast():
