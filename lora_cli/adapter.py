@@ -80,10 +80,13 @@ def save_adapter(
     target_modules,
     base_model_name_or_path: str | None,
     revision: str | None = None,
+    lora_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the adapter files into `out_dir`, each atomically (temp name, then rename)."""
+    """Write the adapter files into `out_dir`, each atomically (temp name, then rename). `lora_tensors`: the LoRA
+    tensors when the caller gathered them (a sharded model's parameters are shards); else read from the model."""
     out_dir = Path(out_dir)
-    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
+    lora_tensors = lora_state_dict(model) if lora_tensors is None else lora_tensors
+    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in lora_tensors.items()}
     if not tensors:
         raise UserError("The model has no LoRA layers to save.")
     config = adapter_config_dict(model, settings, target_modules, base_model_name_or_path, revision)

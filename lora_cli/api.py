@@ -90,15 +90,16 @@ def _finished_result(cfg: Config) -> TrainResult | None:
 
 
 @_quiet_libraries
-def estimate(config: ConfigLike, /, *overrides: str, gpu: str | None = None,
+def estimate(config: ConfigLike, /, *overrides: str, gpu: str | None = None, processes: int = 1,
              quiet: bool = False, **sections: Mapping) -> Estimate:
     """The GPU memory a training step of this config needs, as `lora-train --estimate` computes it (from the model's
     config.json, without loading the model). Prints the estimate unless `quiet`; returns it (`.fits`,
     `.total_bytes`, `.parts`, `.to_json()`). `gpu`: t4 | 2080ti | 3080 | a size like "24GB"; default the GPU here,
-    else a T4. Overrides as in `train`."""
+    else a T4. `processes`: the GPUs it is launched on (with train.fsdp the base is sharded over them). Overrides
+    as in `train`."""
     from .estimate import estimate_for_config, format_estimate
 
-    result = estimate_for_config(build_config(config, overrides, sections), gpu)
+    result = estimate_for_config(build_config(config, overrides, sections), gpu, processes=processes)
     if not quiet:
         print(format_estimate(result), flush=True)
     return result

@@ -86,6 +86,11 @@ def train_command(
         "Default: the GPU here, else a T4."
     ),
     json_output: bool = typer.Option(False, "--json", help="With --estimate: also print it as one JSON line, last."),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="With --estimate: the GPUs the run is launched on (torchrun --nproc_per_node)."
+    ),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --estimate: shard the base over --processes GPUs "
+                              "(the same as train.fsdp=true)."),
     plot: Optional[Path] = typer.Option(
         None, "--plot", metavar="OUTPUT_DIR",
         help="Only draw OUTPUT_DIR/loss.png from the metrics of the run there (finished, running or interrupted).",
@@ -96,6 +101,7 @@ def train_command(
     if plot is not None:
         _plot(plot, config, overrides, [flag for flag, given in (("--dry-run", dry_run), ("--estimate", estimate),
                                                                   ("--json", json_output), ("--gpu", gpu),
+                                                                  ("--processes", processes > 1), ("--fsdp", fsdp),
                                                                   ("--prepare", prepare)) if given])
         return
     if config is None:
@@ -118,10 +124,16 @@ def train_command(
         prepare_data(cfg)
         return
     if estimate:  # before anything loads a model or data
-        result = api.estimate(cfg, gpu=gpu)
+        if fsdp:
+            cfg.train.fsdp = True
+        result = api.estimate(cfg, gpu=gpu, processes=processes)
         if json_output:
             print(json.dumps(result.to_json()), flush=True)
         return
+    if processes > 1 or fsdp:
+        raise UserError("--processes and --fsdp go with --estimate (lora-train config.yaml --estimate --processes 2 "
+                        "--fsdp). To train on several GPUs, launch with torchrun --nproc_per_node N -m lora_cli train "
+                        "config.yaml train.fsdp=true.")
     if json_output or (gpu is not None and not dry_run):
         raise UserError("--json goes with --estimate, --gpu with --estimate or --dry-run, e.g. lora-train config.yaml "
                         "--estimate --gpu t4 --json")

@@ -18,7 +18,7 @@ from .config import Config
 from .errors import UserError
 from .inject import lora_settings
 from .losses import chunk_rows
-from .memory_model import GiB, MiB, ModelFacts, StepShape, model_facts, step_parts
+from .memory_model import GiB, MiB, ModelFacts, StepShape, fsdp_parts, model_facts, step_parts
 from .models import build_meta_model, check_source, nonpositive_sizes
 from .precision import base_dtype, choose_precision, dtype_name
 
@@ -177,12 +177,14 @@ def _meta_facts(cfg: Config, hf_config) -> ModelFacts:
         raise _impossible_config(source, hf_config.to_dict(), err) from None
 
 
-def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None, tokenize: bool = True) -> Estimate:
+def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None, tokenize: bool = True,
+                        processes: int = 1) -> Estimate:
     """The estimate for `cfg` on `gpu` (a GpuSpec, a --gpu string, or None: the GPU here, else a T4).
 
     `data`: the DataBundle when the caller has tokenized the data already (--dry-run); else the data is tokenized
     here when it is a local file and the model folder has a tokenizer (`tokenize`), or the longest row is assumed
-    to be data.max_length tokens.
+    to be data.max_length tokens. `processes`: the GPUs the run is launched on; with train.fsdp the figure is one
+    GPU's with the base sharded over all of them (DDP: every GPU holds what one process does).
     """
     notes: list[str] = []
     spec = parse_gpu(gpu) if isinstance(gpu, str) else gpu
@@ -207,10 +209,16 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
                      "approximation")
     if facts.use_dora:
         notes.append("DoRA's extra activations are approximated, not measured")
+    sharded = cfg.train.fsdp and processes > 1
+    parts_of = (lambda s: fsdp_parts(step_parts(facts, s), facts, s, processes)) if sharded else (  # noqa: E731
+        lambda s: step_parts(facts, s))
+    if processes > 1:
+        notes.append(f"per GPU of {processes}, the base sharded {processes} ways (FSDP)" if sharded else
+                     f"per GPU of {processes}: each holds the whole base (data parallel; train.fsdp=true shards it)")
     estimate = Estimate(cfg.model.name_or_path, spec, precision.precision, dtype_name(weights), facts, shape,
-                        step_parts(facts, shape), notes)
+                        parts_of(shape), notes)
     if not estimate.fits:
-        estimate.suggestions = suggestions(facts, shape, spec, cfg)
+        estimate.suggestions = suggestions(facts, shape, spec, cfg, parts_of, four_bit=not sharded)
     return estimate
 
 
@@ -266,17 +274,20 @@ def _tokenize_local_data(cfg: Config, notes: list[str]):
 # --- what makes it fit ---------------------------------------------------------------------------------------
 
 
-def suggestions(facts: ModelFacts, shape: StepShape, gpu: GpuSpec, cfg: Config) -> list[Suggestion]:
+def suggestions(facts: ModelFacts, shape: StepShape, gpu: GpuSpec, cfg: Config, parts_of=None,
+                four_bit: bool = True) -> list[Suggestion]:
     """Changes in order of what they cost (speed, then batch shape, then data, then precision), each applied on
     top of the previous ones and only as far as needed; stops once it fits. When the weights alone do not fit,
-    activations cannot help: 4-bit comes first."""
+    activations cannot help: 4-bit comes first. `parts_of(shape)`: the parts (default step_parts); `four_bit`:
+    whether 4-bit may be suggested (not under FSDP, which refuses it)."""
     budget = gpu.memory_bytes
-    total = lambda s: sum(step_parts(facts, s).values())  # noqa: E731
+    parts_of = parts_of or (lambda s: step_parts(facts, s))
+    total = lambda s: sum(parts_of(s).values())  # noqa: E731
     steps: list[Suggestion] = []
     accumulation = cfg.train.gradient_accumulation_steps
     fixed = replace(shape, micro_batch=1, seq_len=2, checkpointing=True)
-    order = ["checkpointing", "batch", "length", "4bit"]
-    if total(fixed) > budget and not shape.load_in_4bit:
+    order = ["checkpointing", "batch", "length"] + (["4bit"] if four_bit else [])
+    if total(fixed) > budget and not shape.load_in_4bit and four_bit:
         order = ["4bit", "checkpointing", "batch", "length"]
     for option in order:
         if total(shape) <= budget:
@@ -339,6 +350,7 @@ def format_estimate(est: Estimate) -> str:
         "output head + loss": f"output head + loss ({f.vocab:,} vocabulary, chunks of "
                               f"{min(chunk_rows(f.vocab), s.micro_batch * s.seq_len)} rows)",
         "CUDA context + allocator": "CUDA context + allocator",
+        "FSDP gathered units": "FSDP gathered units (embedding, head, 2 decoder layers)",
     }
     lines = [
         f"Memory estimate: {est.model} on a {est.gpu.name} ({_gib(est.gpu.memory_bytes)}), {est.precision} "

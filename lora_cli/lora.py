@@ -295,6 +295,13 @@ class LoraLinear(nn.Module):
                 "(check the training loss); nothing was written."
             )
 
+    def release_base_references(self) -> None:
+        """Drop the held base module's own references to W and b (unwrap gives them back). FSDP replaces the
+        registered parameters with shards and frees the originals only once nothing else refers to them."""
+        base = self._base_holder[0]
+        base.weight = None
+        base.bias = None
+
     def unwrap(self) -> nn.Module:
         """The original module, holding the (possibly merged) base weight: what `merge_lora` puts back."""
         base = self._base_holder[0]

@@ -84,6 +84,11 @@ class CausalLMLoss(nn.Module):
             torch.manual_seed(dropout_seed)
         return causal_lm_loss(self.model, batch)
 
+    def call_model(self, fn, *args, **kwargs):
+        """`fn(self.model, ...)`. Under FSDP registered as a forward method of this module (training.fsdp), so what
+        runs the model otherwise (generation, the packing check) gets the weights this module's forward gathers."""
+        return fn(self.model, *args, **kwargs)
+
 
 def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                        chunk_tokens: int | None = None) -> torch.Tensor:

@@ -76,6 +76,8 @@ class ModelFacts:
     head_trainable: bool  # LoRA on an untied lm_head: the loss then recomputes chunks under checkpointing
     plain_head: bool  # False: the model post-processes logits (soft-capping), so the loss takes full logits
     attn_implementation: str
+    layer_params: int = 0  # one decoder layer's (the unit FSDP gathers at a time); 0 when none is found
+
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,28 @@ def model_facts(model, settings: LoraSettings) -> ModelFacts:
         largest_lora_target=max((layer.weight.numel() for layer in wrapped.values()), default=0),
         use_dora=settings.use_dora, head_trainable=head_path in wrapped,
         plain_head=uses_plain_head(model), attn_implementation=str(getattr(config, "_attn_implementation", "sdpa")),
+        layer_params=_decoder_layer_params(model),
     )
+
+
+def _decoder_layer_params(model) -> int:
+    """Parameters of the first decoder layer (a class the model names in _no_split_modules), LoRA included."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layer = next((m for m in model.modules() if type(m).__name__ in names), None)
+    return sum(p.numel() for n, p in layer.named_parameters() if ".lora_" not in f".{n}") if layer is not None else 0
+
+
+def fsdp_parts(parts: dict[str, int], facts: ModelFacts, shape: StepShape, processes: int) -> dict[str, int]:
+    """`step_parts` for one of `processes` FSDP processes (training.fsdp): the base weights and the LoRA parameters,
+    gradients and AdamW states are sharded N ways; the root unit (embedding, final norm, head: whatever is outside
+    the decoder layers) is gathered whole for the step, and so are two decoder layers at a time (the one computing
+    and the next, prefetched)."""
+    per_weight = parts["base weights"] / max(facts.total_params, 1)  # bytes per base weight (NF4 mixes)
+    outside = max(0, facts.total_params - facts.layers * facts.layer_params)
+    gathered = round((outside + 2 * facts.layer_params) * per_weight * (processes - 1) / processes)
+    sharded = {name: -(-size // processes) for name, size in parts.items()
+               if name in ("base weights", "LoRA parameters", "LoRA gradients", "AdamW states")}
+    return {**parts, **sharded, "FSDP gathered units": gathered}
 
 
 def _mlp_shape(linears, hidden: int) -> tuple[int, bool]:

@@ -113,9 +113,10 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def packed_attention(model, device, enabled: bool = True):
+def packed_attention(model, device, enabled: bool = True, call_model=None):
     """Train on packed rows inside: an sdpa model attends per example (other implementations are left as they are),
-    and the model is checked to keep packed examples apart, else UserError. Restores the attention on exit."""
+    and the model is checked to keep packed examples apart, else UserError. Restores the attention on exit.
+    `call_model(fn)`: how fn(model) is run (under FSDP through the loss module, which gathers the weights)."""
     if not enabled:
         yield
         return
@@ -125,7 +126,7 @@ def packed_attention(model, device, enabled: bool = True):
         _register()
         model.set_attn_implementation(PACKED_SDPA)
     try:
-        check_packing_supported(model, device)
+        (call_model or (lambda fn: fn(model)))(lambda m: check_packing_supported(m, device))
         yield
     finally:
         if switch:

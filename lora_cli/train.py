@@ -30,7 +30,7 @@ from .precision import (
     dtype_name,
     fp16_risk,
 )
-from .training import console, outdir, resume, start, trackers
+from .training import console, fsdp, outdir, resume, start, trackers
 from .training.loop import fit
 from .training.optim import make_optimizer, make_scheduler
 from .training.plan import make_batches, total_steps
@@ -146,12 +146,14 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
+    fsdp_kwargs = fsdp.accelerator_kwargs(cfg)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu",
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, **fsdp_kwargs)
     check_distributed_type(accelerator)
     main = accelerator.is_main_process
     quiet = quiet or not main
     say = _printer(main)
+    sharding = fsdp.sharding_for(accelerator, cfg, fsdp_kwargs, say)
     plan = resume.prepare(cfg, out, dry_run, main, say, accelerator.wait_for_everyone, cleanup)
     if plan.finished:
         say(plan.finished, markup=False)
@@ -168,20 +170,25 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
+    sharding.prepare_model(model)
     optimizer = make_optimizer(model, cfg)
     steps = _total_steps(cfg, bundle, world, say)
     scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * steps), steps)
     # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object
     # inside it (for evaluation, packing and saving).
     loss_model, optimizer, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, scheduler)
-    state, best = start.initial_state(cfg, plan, model, optimizer, scheduler, accelerator, bundle, steps, say)
+    sharding.prepared(loss_model)
+    if sharding.active:
+        say(fsdp.sharded_line(sharding, model, world), markup=False)
+    state, best = start.initial_state(cfg, plan, model, optimizer, scheduler, accelerator, bundle, steps, say,
+                                      sharding)
     run_trackers, sink = start.start_logging(accelerator, cfg, out, state, say, cleanup)
     start.restore_rng(plan, accelerator)  # last: nothing after this draws from the generators before the loop
     return Run(cfg=cfg, accelerator=accelerator, precision=precision, tokenizer=tokenizer, model=model,
                loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, bundle=bundle,
                target_modules=report.target_modules, out=out, total_steps=steps, start_step=state.global_step,
                started=started, quiet=quiet, say=say, sink=sink, trackers=run_trackers, prompts=prompts,
-               state=state, loop=LoopState(best_weights=best))
+               state=state, loop=LoopState(best_weights=best), sharding=sharding)
 
 
 def _describe(cfg: Config, precision: PrecisionChoice, model, report, bundle, say, main: bool) -> None:

@@ -100,8 +100,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, trainable_model_d
         assert (a[key] - b[key]).abs().max().item() <= 1e-5 + 1e-4 * a[key].abs().max().item(), key
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_setups_are_refused_with_the_fix(kind):
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_deepspeed_is_refused_with_fsdp_as_the_fix(kind):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -109,9 +109,9 @@ def test_sharded_setups_are_refused_with_the_fix(kind):
     from lora_cli.errors import UserError
     from lora_cli.training.step import check_distributed_type as _check_distributed_type
 
-    with pytest.raises(UserError, match=f"set up for {kind}.*--multi_gpu"):
+    with pytest.raises(UserError, match=f"set up for {kind}.*use FSDP.*fsdp_2gpu.yaml.*train.fsdp=true"):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[kind]))
-    for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
+    for fine in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[fine]))
 
 

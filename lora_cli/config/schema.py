@@ -283,6 +283,7 @@ class TrainSection(_Section):
     adam_epsilon: float = Field(1e-8, gt=0)
     precision: Precision = "auto"  # autocast precision; auto = bf16 where supported, else fp16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    fsdp: bool = False  # under torchrun / accelerate launch: shard the base over the processes (FSDP2), not copy it
     seed: int = Field(42, ge=0)
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # None = evaluate at the end of each epoch only

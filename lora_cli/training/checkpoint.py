@@ -39,9 +39,12 @@ from .snapshot import CheckpointInfo, list_checkpoints
 from .state import Run, TrainState
 
 
-def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None) -> None:
-    """An adapter folder that PEFT loads, plus the tokenizer and the resolved config."""
-    save_adapter(model, folder, lora_settings(cfg.lora), target_modules, cfg.model.name_or_path, cfg.model.revision)
+def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None,
+                        lora_tensors: dict | None = None) -> None:
+    """An adapter folder that PEFT loads, plus the tokenizer and the resolved config. `lora_tensors`: the LoRA
+    weights when the caller gathered them (a sharded model's parameters are shards)."""
+    save_adapter(model, folder, lora_settings(cfg.lora), target_modules, cfg.model.name_or_path, cfg.model.revision,
+                 lora_tensors)
     tokenizer.save_pretrained(folder)
     atomic_write_text(folder / CONFIG_COPY_NAME, config_to_yaml(cfg))
     if state is not None:
@@ -60,13 +63,15 @@ def save_checkpoint(run: Run) -> Path | None:
     """Write checkpoint-<global_step>/ (main process; every process calls this: RNG states are gathered) and prune
     the run's older checkpoints beyond train.save_total_limit."""
     rng_states = gather_rng_states(run)
+    # Under FSDP gathering the LoRA weights and optimizer moments from the shards is a collective, too.
+    lora_tensors, optimizer_state = run.sharding.lora_tensors(run.model), run.sharding.optimizer_state(run.optimizer)
     if not run.main:
         return None
     final = checkpoint_dir(run.out, run.state.global_step)
     try:
         with atomic_dir(final, overwrite=True) as tmp:
-            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state)
-            save_resume_state(tmp, run, rng_states)
+            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state, lora_tensors)
+            save_resume_state(tmp, run, rng_states, optimizer_state)
             title = title_for(run.cfg.model.name_or_path, run.cfg.data.describe_path(), run.state.run_name)
             write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
     except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
@@ -84,11 +89,12 @@ def gather_rng_states(run: Run) -> list:
     return _gather(run.accelerator, rng_state())
 
 
-def save_resume_state(folder: Path, run: Run, rng_states: list, last_weights: dict | None = None) -> None:
-    """What a continuation needs besides the adapter folder: optimizer, schedule, loss scaler, RNG, best weights;
-    `last_weights` when the folder's adapter is not the weights training goes on from (a result whose adapter is
-    the best evaluated one)."""
-    _save_torch(folder / OPTIMIZER_NAME, run.optimizer.state_dict())
+def save_resume_state(folder: Path, run: Run, rng_states: list, optimizer_state: dict,
+                      last_weights: dict | None = None) -> None:
+    """What a continuation needs besides the adapter folder: optimizer (its state_dict, gathered whole under FSDP:
+    Sharding.optimizer_state), schedule, loss scaler, RNG, best weights; `last_weights` when the folder's adapter is
+    not the weights training goes on from (a result whose adapter is the best evaluated one)."""
+    _save_torch(folder / OPTIMIZER_NAME, optimizer_state)
     _save_torch(folder / SCHEDULER_NAME, run.scheduler.state_dict())
     scaler = getattr(run.accelerator, "scaler", None)
     if scaler is not None:
@@ -142,25 +148,19 @@ def prune_checkpoints(out: Path, limit: int | None, run_id: str, log=None) -> No
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
-def load_training_state(checkpoint: CheckpointInfo, model, optimizer, scheduler, accelerator) -> TrainState:
+def load_training_state(checkpoint: CheckpointInfo, model, optimizer, scheduler, accelerator, sharding) -> TrainState:
     """Restore LoRA weights, optimizer, schedule and loss scaler from a checkpoint (or a resumable result); return
-    its state. RNG states are restored separately, last (rng.set_rng_state)."""
+    its state. RNG states are restored separately, last (rng.set_rng_state). `sharding`: training.fsdp's, which
+    puts whole tensors into (sharded) parameters."""
     path = checkpoint.path
-    load_lora_weights(model, _load_tensors(path / checkpoint.weights_name))
-    optimizer.load_state_dict(_load_torch(path / OPTIMIZER_NAME))
+    tensors = _load_tensors(path / checkpoint.weights_name)
+    sharding.load_lora_tensors(model, {key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()})
+    sharding.load_optimizer_state(optimizer, _load_torch(path / OPTIMIZER_NAME))
     scheduler.load_state_dict(_load_torch(path / SCHEDULER_NAME))
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and (path / SCALER_NAME).is_file():
         scaler.load_state_dict(_load_torch(path / SCALER_NAME))
     return TrainState.from_dict(json.loads((path / STATE_NAME).read_text(encoding="utf-8")))
-
-
-def load_lora_weights(model, tensors: dict) -> None:
-    """Copy LoRA tensors (adapter-file keys, `base_model.model.` prefixed, or the model's own names) into `model`."""
-    own = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            own[key.removeprefix(KEY_PREFIX)].copy_(tensor)
 
 
 def load_best_weights(checkpoint: CheckpointInfo, best: CheckpointInfo | None) -> dict | None:

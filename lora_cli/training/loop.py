@@ -13,9 +13,8 @@ import time
 
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
-from ..inject import lora_state_dict
 from ..precision import fp16_risk
-from .checkpoint import load_lora_weights, save_checkpoint
+from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
 from .layout import checkpoint_dir
@@ -46,7 +45,8 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     run.sink.show = record_printer(progress, run.quiet)
     task = progress.add_task("training", total=run.total_steps, completed=state.global_step, loss=float("nan"),
                              lr=run.scheduler.get_last_lr()[0], tps=0.0)
-    with progress, packing_lib.packed_attention(run.model, accelerator.device, packing):
+    call_model = lambda fn: run.sharding.call_model(run.model, fn)  # noqa: E731 (under FSDP: via the loss module)
+    with progress, packing_lib.packed_attention(run.model, accelerator.device, packing, call_model):
         while state.global_step < run.total_steps and not state.stopped_early:
             batches = make_batches(bundle.train, cfg, state.epoch)
             groups = [batches[i : i + window] for i in range(state.batch_in_epoch, len(batches), window)]
@@ -174,7 +174,8 @@ def evaluate_and_track(run: Run) -> dict | None:
 def validate_and_track(run: Run) -> dict:
     """Evaluate, log, and keep the early-stopping and best-adapter bookkeeping."""
     state, t = run.state, run.cfg.train
-    metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator)
+    metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator,
+                       sharded_loss=run.loss_model if run.sharding.active else None)
     record = {"step": state.global_step, **metrics}
     run.sink.log(record, state.log_history)
     loss, best = metrics["eval_loss"], state.best_eval_loss
@@ -185,8 +186,8 @@ def validate_and_track(run: Run) -> dict:
     if best is None or loss < best:
         state.best_eval_loss, state.best_step = loss, state.global_step
         if t.load_best_at_end:
-            run.loop.best_weights = {k: v.detach().to("cpu", copy=True)
-                                     for k, v in lora_state_dict(run.model).items()}
+            # Under FSDP gathered from the shards, on every process (each puts its shard back at the end).
+            run.loop.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
     patience = t.early_stopping_patience
     if patience and state.evals_without_improvement >= patience and not state.stopped_early:
         state.stopped_early = True
@@ -201,7 +202,7 @@ def validate_and_track(run: Run) -> dict:
 def restore_best(run: Run) -> None:
     """train.load_best_at_end: put the best evaluated LoRA weights back before the final save."""
     if run.loop.best_weights:
-        load_lora_weights(run.model, run.loop.best_weights)
+        run.sharding.load_lora_tensors(run.model, run.loop.best_weights)
 
 
 def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,

@@ -61,25 +61,33 @@ def last_weights(run: Run) -> dict | None:
     when the result needs no copy: the run keeps no checkpoints, or the weights stay the last ones)."""
     if not (keeps_checkpoints(run) and run.cfg.train.load_best_at_end and run.loop.best_weights):
         return None
-    return {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(run.model).items()}
+    # Under FSDP gathered from the shards (a collective: every process gets here alike).
+    return {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
 
 
 def publish_result(run: Run, last: dict | None) -> None:
-    """Write the result and swap it in as output_dir (every process calls this: the RNG states are gathered)."""
-    rng_states = gather_rng_states(run) if keeps_checkpoints(run) else None
+    """Write the result and swap it in as output_dir (every process calls this: the RNG states are gathered, and
+    under FSDP the LoRA weights and optimizer moments from the shards)."""
+    resumable = keeps_checkpoints(run)
+    rng_states = gather_rng_states(run) if resumable else None
+    lora_tensors = run.sharding.lora_tensors(run.model)
+    optimizer_state = run.sharding.optimizer_state(run.optimizer) if resumable else None
     if not run.main:
         return
     later = (MERGED_DIR,) if run.cfg.train.merge_at_end else ()
-    outdir.publish(run.out, lambda folder: _write_result(run, folder, rng_states, last), run.state.run_id,
+    resume = (rng_states, optimizer_state)
+    outdir.publish(run.out, lambda folder: _write_result(run, folder, lora_tensors, resume, last), run.state.run_id,
                    _result_bytes(run), later)
 
 
-def _write_result(run: Run, folder: Path, rng_states: list | None, last: dict | None) -> None:
-    """Everything the finished run's output_dir holds besides what it carries over (checkpoints, runs/)."""
+def _write_result(run: Run, folder: Path, lora_tensors: dict, resume: tuple, last: dict | None) -> None:
+    """Everything the finished run's output_dir holds besides what it carries over (checkpoints, runs/); `resume`:
+    (RNG states, optimizer state) when the result carries the resume state, else (None, None)."""
     cfg, state = run.cfg, run.state
-    save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, state)
+    save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, state, lora_tensors)
+    rng_states, optimizer_state = resume
     if rng_states is not None:
-        save_resume_state(folder, run, rng_states, last)
+        save_resume_state(folder, run, rng_states, optimizer_state, last)
     atomic_write_text(folder / METRICS_NAME, to_jsonl(state.log_history))
     if state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(state.samples))

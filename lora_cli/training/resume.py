@@ -33,6 +33,7 @@ MAY_CHANGE = {
     "train.early_stopping_patience", "train.early_stopping_threshold", "train.load_best_at_end",
     "model.trust_remote_code", "train.report_to", "train.run_name", "train.logging_dir", "train.wandb_project",
     "train.eval_prompts", "train.eval_max_new_tokens",
+    "train.fsdp",  # how the weights are held: FSDP's checkpoints are laid out as DDP's (training.fsdp)
 }
 RESUME_HINT = "train.resume_from_checkpoint=auto"
 

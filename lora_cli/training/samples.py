@@ -10,7 +10,8 @@ samples.jsonl holds them all).
 Answering must not change the training: the model is put in eval mode under no_grad, with its KV cache on (gradient
 checkpointing turns it off) and sdpa attention instead of the packed-attention variant (data.packing), and every RNG
 state is saved before and restored after; a run with prompts trains exactly the adapter a run without them trains.
-Under several processes only the main one answers; the others wait.
+Under several processes only the main one answers; the others wait (under FSDP all answer, since every
+forward gathers the sharded weights, and the main one logs).
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def answer_prompts(run: Run) -> None:
     if not run.prompts or run.state.samples_step == run.state.global_step:
         return
     run.state.samples_step = run.state.global_step  # on every process, so all agree on the barrier below
-    if run.main:
-        step, started = run.state.global_step, time.perf_counter()
-        with _generation_mode(run):
-            answers = [_answer(run, prompt) for prompt in run.prompts]
-        rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
-        run.sink.log_samples(rows, run.state.samples)
-        run.loop.samples_seconds += time.perf_counter() - started
+    with run.sharding.generation(run) as generates:  # the main process; under FSDP all of them, in step
+        if generates:
+            step, started = run.state.global_step, time.perf_counter()
+            with _generation_mode(run):
+                answers = [_answer(run, prompt) for prompt in run.prompts]
+            rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
+            if run.main:
+                run.sink.log_samples(rows, run.state.samples)
+            run.loop.samples_seconds += time.perf_counter() - started
     run.accelerator.wait_for_everyone()
 
 

@@ -27,13 +27,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ..data import DataBundle
+    from .fsdp import Sharding
 
 
 def initial_state(cfg: Config, plan: StartPlan, model: PreTrainedModel, optimizer: Optimizer,
                   scheduler: LRScheduler, accelerator: Accelerator, bundle: DataBundle, total: int,
-                  say: Say) -> tuple[TrainState, dict | None]:
-    """A fresh state, or the checkpoint's with its tensors (weights, optimizer, schedule, scaler) restored; and the
-    best weights train.load_best_at_end keeps."""
+                  say: Say, sharding: Sharding) -> tuple[TrainState, dict | None]:
+    """A fresh state, or the checkpoint's with its tensors (weights, optimizer, schedule, scaler) restored (into the
+    shards under FSDP: `sharding`); and the best weights train.load_best_at_end keeps."""
     world = accelerator.num_processes
     fingerprint = bundle.fingerprint  # the cache key: the files' contents, the tokenizer, the data settings
     checkpoint = plan.checkpoint
@@ -44,7 +45,7 @@ def initial_state(cfg: Config, plan: StartPlan, model: PreTrainedModel, optimize
                           run_name=cfg.train.run_name or started.strftime("run-%Y%m%d-%H%M%S"),
                           data_fingerprint=fingerprint), None
     check_resumable_run(checkpoint, total, world, fingerprint)
-    state = load_training_state(checkpoint, model, optimizer, scheduler, accelerator)
+    state = load_training_state(checkpoint, model, optimizer, scheduler, accelerator, sharding)
     if state.total_steps != total:
         say(f"note: this run trains {total} steps in all, the checkpoint's run {state.total_steps}: the "
             f"learning-rate schedule (warmup and decay) is re-planned over {total} steps from step "

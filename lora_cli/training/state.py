@@ -15,10 +15,12 @@ if TYPE_CHECKING:  # types only: importing these here would load torch, transfor
     from ..config import Config
     from ..data import DataBundle
     from ..precision import PrecisionChoice
+    from .fsdp import Sharding
     from .metrics import MetricsSink
     from .trackers import Trackers
 
 Say = Callable[..., None]  # (message, markup=True) -> None: prints on the main process, nothing elsewhere
+
 
 
 @dataclass
@@ -147,7 +149,15 @@ class Run:
     prompts: tuple[str, ...]  # train.eval_prompts, read before the model loaded; () for none
     state: TrainState
     loop: LoopState = field(default_factory=LoopState)
+    # training.fsdp.Sharding: how whole tensors are read from and written to the model (FSDP shards them)
+    sharding: Sharding = field(default_factory=lambda: _no_sharding())
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+
+def _no_sharding() -> Sharding:
+    from .fsdp import Sharding  # loads torch, so only once a Run is made
+
+    return Sharding()

@@ -24,15 +24,16 @@ def share_of_window(micro: list[dict], num_processes: int, rank: int) -> list[tu
 
 
 def check_distributed_type(accelerator) -> None:
-    """DDP (and one process) are what the loop is tested with; FSDP and DeepSpeed shard parameters, which the
-    adapter saving (it reads the LoRA tensors from the model) does not gather yet."""
+    """One process, DDP and FSDP (training.fsdp) are what the loop is tested with; DeepSpeed and Megatron-LM shard
+    and step the model their own way, which the loop's saving and resuming do not follow."""
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise UserError(
-            f"`accelerate launch` is set up for {kind}, which lora-train does not support yet: it would save an "
-            "adapter from sharded parameters. Use plain multi-GPU data parallelism instead (in `accelerate config` "
-            "choose multi-GPU without FSDP or DeepSpeed, or run `accelerate launch --multi_gpu --num_processes N "
-            "-m lora_cli train config.yaml`)."
+            f"`accelerate launch` is set up for {kind}, which lora-train does not support. To shard a base that does "
+            "not fit one GPU, use FSDP: `accelerate launch --config_file configs/accelerate/fsdp_2gpu.yaml -m "
+            "lora_cli train config.yaml`, or `torchrun --nproc_per_node N -m lora_cli train config.yaml "
+            "train.fsdp=true`. For a base that fits one GPU, plain data parallelism: `accelerate launch --multi_gpu "
+            "--num_processes N -m lora_cli train config.yaml`."
         )
 
 
