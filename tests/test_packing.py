@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny
-from lora_cli import data
+from lora_cli import data, packing
 from lora_cli.config import load_config
 from lora_cli.data import IGNORE_INDEX, Example
 from lora_cli.errors import UserError
@@ -139,7 +139,7 @@ def test_per_example_attention_equals_unpacked(arch):
     packed = data.collate_packed([[exs[0], exs[1], exs[2]], [exs[3], exs[4]]], pad_token_id=3)
     expected, expected_n, expected_grads = loss_and_grads(model, padded)
     with packed_attention(model, "cpu"):
-        assert model.config._attn_implementation == "lora_cli_packed_sdpa"
+        assert model.config._attn_implementation == packing.TRAIN_SDPA  # every layer of these is plain causal
         got, got_n, got_grads = loss_and_grads(model, packed)
         unpacked_inside, _, _ = loss_and_grads(model, padded)  # unpacked batches (evaluation) are unchanged
     assert model.config._attn_implementation == "sdpa"
@@ -188,6 +188,7 @@ def test_packing_refused_where_examples_would_mix(tmp_path, trainable_model_dir,
 
     # Without the per-example attention, OPT's sdpa attends across examples (see PACKABLE): the check must stop it.
     monkeypatch.setattr(lora_cli.packing, "_segments", lambda position_ids: None)
+    monkeypatch.setattr(lora_cli.packing, "plain_causal", lambda model: False)  # no layout-based attention either
     config = make_config(tmp_path, trainable_model_dir("opt"), data={"packing": True}, train={"max_steps": 1})
     with pytest.raises(UserError, match="packing is not supported"):
         train(load_config(config), quiet=True)
