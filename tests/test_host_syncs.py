@@ -29,7 +29,8 @@ from test_train import make_config
 READ_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 PEFT_TRAINER_READS = 8  # PEFT + Trainer, the same step of 2 micro batches (tiny Llama, fp32; counted in issue 21)
 CHAT_ROWS = [  # 16-40 tokens each: 2-3 examples a packed row of 64
-    {"messages": [{"role": "user", "content": "hi " * (1 + i % 3)}, {"role": "assistant", "content": "ok " * (1 + i % 4)}]}
+    {"messages": [{"role": "user", "content": "hi " * (1 + i % 3)},
+                  {"role": "assistant", "content": "ok " * (1 + i % 4)}]}
     for i in range(24)
 ]
 

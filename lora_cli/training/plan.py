@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .. import data as data_lib  # called through the package: scripts/bench.py observes data_lib.collate*
+from .. import data as data_lib
 from ..config import Config
 from ..losses import loss_positions
 from ..packing import PackedLayout
@@ -26,6 +26,11 @@ def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
     return [[[i] for i in b] for b in data_lib.length_grouped_batches(lengths, t.micro_batch_size, t.seed, epoch)]
 
 
+# Called with (rows of examples, batch) for every training micro batch collated: what a benchmark counts (the
+# tokens and examples of each step) without changing the loop.
+COLLATE_OBSERVERS: list = []
+
+
 def collate(examples, plan: list[list[int]], pad_id: int, packing: bool, pad_multiple: int = 1) -> dict:
     """A training micro batch: the data's collation, plus what the step would otherwise have to read back from the
     device, computed here on the CPU: the trained positions and their targets (losses.loss_positions) and, for
@@ -38,6 +43,8 @@ def collate(examples, plan: list[list[int]], pad_id: int, packing: bool, pad_mul
     width = batch["input_ids"].shape[1]
     batch["packed_layout"] = PackedLayout.from_lengths([[len(e) for e in row] for row in rows], width)
     batch.update(loss_positions(batch["labels"]))
+    for observer in COLLATE_OBSERVERS:
+        observer(rows, batch)
     return batch
 
 
