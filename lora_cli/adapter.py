@@ -199,7 +199,7 @@ def base_layer_copies(model: nn.Module, tensors: dict[str, torch.Tensor], paths:
     PEFT writes them when target_modules names lm_head or embed_tokens (save_embedding_layers="auto", its default),
     and PEFT's loader puts them in place of the base's weights. A copy equal to the base's weight changes nothing
     and is ignored; one that differs means a modified head, which a LoRA merge cannot reproduce: refused. On the
-    meta-device model (the streamed merge) the values are compared as each weight is read (merge_stream)."""
+    meta-device model (the streamed merge) the values are compared as each weight is read (merge/stream.py)."""
     copies, targeted = set(), set(paths)
     for key, tensor in tensors.items():
         path, _, param = key[len(PREFIX):].rpartition(BASE_LAYER)

@@ -114,6 +114,8 @@ def train_command(
     try:
         train(cfg, dry_run=dry_run, gpu=gpu)
     except TrainingStopped as stopped:
+        if not stopped.main:  # under torchrun every process stops; the main one says how to continue
+            raise typer.Exit(128 + stopped.signum) from None
         if stopped.finished:
             message = f"stopped after the run had finished: the adapter is saved in {stopped.checkpoint}."
         else:
@@ -135,10 +137,30 @@ def _plot(output_dir: Path, config: Optional[Path], overrides: Optional[List[str
 
 
 def _resume_command(config: Path, overrides: List[str]) -> str:
-    """The command that continues this run: the same config and overrides, plus resume_from_checkpoint=auto."""
+    """The command that continues this run: the same config and overrides, plus resume_from_checkpoint=auto; under
+    torchrun or `accelerate launch` the launcher's own command line (with its process count, which a resumed run
+    must keep)."""
+    launcher = _launcher_argv()
+    if launcher is not None:
+        kept = [a for a in launcher if not a.startswith("train.resume_from_checkpoint=")]
+        return shlex.join([*kept, "train.resume_from_checkpoint=auto"])
     kept = [o for o in overrides if not o.startswith("train.resume_from_checkpoint=")]
     program = ["lora-train"] if Path(sys.argv[0]).name == "lora-train" else [sys.executable, "-m", "lora_cli", "train"]
     return shlex.join([*program, str(config), *kept, "train.resume_from_checkpoint=auto"])
+
+
+def _launcher_argv() -> Optional[List[str]]:
+    """The command line of the torchrun / `accelerate launch` process that started this one (its elastic agent,
+    which sets TORCHELASTIC_RUN_ID for its workers, is the parent process); None when not launched so, or where
+    /proc cannot tell."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    return argv or None
 
 
 def _print_estimate(cfg, gpu: Optional[str], json_output: bool) -> None:

@@ -19,10 +19,11 @@ class TrainingStopped(Exception):
     The CLI prints how to resume and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
 
-    def __init__(self, signum: int, step: int, checkpoint, finished: bool = False):
+    def __init__(self, signum: int, step: int, checkpoint, finished: bool = False, main: bool = True):
         super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.finished = finished  # the signal came during the final save, which completed: nothing to resume
+        self.main = main  # raised on the main process (the one that tells the user; several run under torchrun)
 
 
 class Terminated(KeyboardInterrupt):

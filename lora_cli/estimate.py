@@ -16,10 +16,10 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .inject import LoraSettings
+from .inject import lora_settings
 from .losses import chunk_rows
-from .memory_model import GiB, MiB, ModelFacts, StepShape, build_meta_model, model_facts, step_parts
-from .models import base_dtype, check_source, choose_precision, nonpositive_sizes
+from .memory_model import GiB, MiB, ModelFacts, StepShape, model_facts, step_parts
+from .models import base_dtype, build_meta_model, check_source, choose_precision, nonpositive_sizes
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def _meta_facts(cfg: Config, hf_config) -> ModelFacts:
     except (ArithmeticError, AssertionError, TypeError, IndexError, RuntimeError) as err:
         raise _impossible_config(source, hf_config.to_dict(), err) from None
     try:
-        return model_facts(model, LoraSettings(**cfg.lora.model_dump()))
+        return model_facts(model, lora_settings(cfg.lora))
     except (ArithmeticError, AssertionError, TypeError) as err:
         raise _impossible_config(source, hf_config.to_dict(), err) from None
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +25,7 @@ from .errors import UserError
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
+_REPLACED = "replaced" + OLD_SUFFIX  # replace_dir's old copy: .NAME.replaced.old
 
 
 def _umask() -> int:
@@ -89,6 +91,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwri
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def old_copy_path(path: Path) -> Path:
+    """Where replace_dir keeps `path`'s old folder between its two renames (without renameat2's exchange)."""
+    return path.with_name(temp_name(path) + _REPLACED)
+
+
 def make_temp_dir(path: Path, tag: str = "") -> Path:
     """An empty folder beside `path` with a hidden temporary name (and the mode a plain mkdir gives)."""
     tmp = Path(tempfile.mkdtemp(prefix=temp_name(path) + tag, suffix=TMP_SUFFIX, dir=path.parent))
@@ -98,8 +105,36 @@ def make_temp_dir(path: Path, tag: str = "") -> Path:
 
 # tempfile.mkdtemp's random part (tempfile._RandomNameSequence): 8 of these characters. atomic_dir(path) names its
 # temporary folder `.NAME.<random>.tmp`; lora-train's own temporaries beside its output_dir carry a tag
-# (`.NAME.publish-<random>.tmp`, `.NAME.ready`) and never match this.
-_ATOMIC_DIR_TEMP = "[a-z0-9_]{8}" + re.escape(TMP_SUFFIX)
+# (`.NAME.publish-<random>.tmp`, `.NAME.ready`).
+_RANDOM_PART = re.compile("[a-z0-9_]{8}")
+
+
+@dataclass(frozen=True)
+class TempName:
+    """A temporary name this module made beside `target`: `.TARGET.<tag><random>.tmp` (atomic_file, atomic_dir,
+    make_temp_dir; tag "" unless make_temp_dir was given one) or `.TARGET.replaced.old` (replace_dir's old copy,
+    tag "replaced")."""
+
+    target: str
+    tag: str
+
+    @property
+    def is_old_copy(self) -> bool:
+        return self.tag == "replaced"
+
+
+def parse_temp_name(name: str) -> TempName | None:
+    """The inverse of the temporary names made here (see TempName); None for any other name."""
+    if not name.startswith("."):
+        return None
+    if name.endswith("." + _REPLACED) and len(name) > len(_REPLACED) + 2:
+        return TempName(name[1 : -len(_REPLACED) - 1], "replaced")
+    if not name.endswith(TMP_SUFFIX):
+        return None
+    target, _, rest = name[1 : -len(TMP_SUFFIX)].rpartition(".")
+    if not target or not _RANDOM_PART.fullmatch(rest[-8:]):
+        return None
+    return TempName(target, rest[:-8])
 
 
 def remove_stale_temp_dirs(path: Path) -> list[Path]:
@@ -108,13 +143,13 @@ def remove_stale_temp_dirs(path: Path) -> list[Path]:
     so that no live writer's folder is among them. After a kill between replace_dir's two renames `path` is gone
     and its previous, complete contents wait as `.NAME.replaced.old`: they are put back (the new folder cannot be
     told apart from a partial one). Returns the folders removed."""
-    old = path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX)
+    old = old_copy_path(path)
     if old.is_dir() and not path.exists():
         os.replace(old, path)
     removed = [old] if old.is_dir() else []
-    pattern = re.compile(re.escape(temp_name(path)) + _ATOMIC_DIR_TEMP)
     if path.parent.is_dir():
-        removed += [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+        removed += [p for p in path.parent.iterdir()
+                    if parse_temp_name(p.name) == TempName(path.name, "") and p.is_dir() and not p.is_symlink()]
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
     return removed
@@ -196,7 +231,7 @@ def replace_dir(new: Path, path: Path) -> None:
         _fsync_dir(path.parent)
         shutil.rmtree(new, ignore_errors=True)
         return
-    old = path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX)
+    old = old_copy_path(path)
     shutil.rmtree(old, ignore_errors=True)
     os.replace(path, old)
     os.replace(new, path)  # a crash just before this line leaves `old` and `new`: recover_dir puts `new` back
@@ -208,7 +243,7 @@ def recover_dir(path: Path, ready: Path) -> None:
     """After a crash between replace_dir's two renames: `path` is gone, `ready` is the complete new folder."""
     if not path.exists() and ready.is_dir():
         os.replace(ready, path)
-    shutil.rmtree(path.with_name(temp_name(path) + "replaced" + OLD_SUFFIX), ignore_errors=True)
+    shutil.rmtree(old_copy_path(path), ignore_errors=True)
 
 
 def link_tree(src: Path, dst: Path) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .errors import UserError
 from .lora import LoraLinear, is_lora_target_type
+
+if TYPE_CHECKING:
+    from .config.schema import LoraSection
 
 # PEFT's defaults (attention query and value), so adapters are comparable with what users know.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -48,6 +52,12 @@ class LoraSettings:
     # LoRA+ (lora.loraplus_lr_ratio): B's learning rate over A's. Training only (the optimizer reads it); it is
     # not part of the adapter and not written to adapter_config.json.
     loraplus_lr_ratio: float | None = None
+
+
+def lora_settings(section: LoraSection) -> LoraSettings:
+    """The config's `lora:` section as LoraSettings: the one translation, for training,
+    the estimate and the adapter files alike."""
+    return LoraSettings(**section.model_dump())
 
 
 @dataclass

@@ -104,14 +104,6 @@ class StepShape:
         return self.padded and self.micro_batch > 1 and not self.packing
 
 
-def build_meta_model(hf_config, trust_remote_code: bool = False):
-    """The model with every tensor on the meta device: shapes without memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
-
-
 def model_facts(model, settings: LoraSettings) -> ModelFacts:
     """Facts of a meta-device model; wraps it with LoRA exactly as lora-train would (same target resolution)."""
     config = model.config

@@ -327,6 +327,13 @@ def load_base_model(
     return model.eval()
 
 
+def build_meta_model(hf_config, trust_remote_code: bool = False):
+    """The model with every tensor on the meta device: shapes without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+
 
 def model_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -82,7 +82,8 @@ def lora_settings(row: Row):
 
 
 def estimated(row: Row) -> dict[str, int]:
-    from lora_cli.memory_model import StepShape, build_meta_model, model_facts, step_parts
+    from lora_cli.memory_model import StepShape, model_facts, step_parts
+    from lora_cli.models import build_meta_model
 
     facts = model_facts(build_meta_model(hf_config(row)), lora_settings(row))
     size = 4 if row.mode == "fp32" else 2

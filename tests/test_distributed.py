@@ -140,3 +140,35 @@ def test_two_processes_resume_exactly(tmp_path, trainable_model_dir):
     strip = lambda rows: [{k: r[k] for k in ("step", "loss", "grad_norm")} for r in rows if "loss" in r]  # noqa: E731
     assert strip(metrics(cut)) == strip(metrics(out))
     assert (cut / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_ctrl_c_under_torchrun_says_once_how_to_continue_with_the_launcher(tmp_path, trainable_model_dir):
+    """Ctrl-C reaches torchrun and both workers: each finishes its step and they write one checkpoint; only the main
+    process prints how to continue, and its command is the launcher's (a plain one would start 1 process, which
+    the 2-process checkpoint refuses)."""
+    import shlex
+    import signal
+    import time
+
+    train = {"max_steps": 100_000, "micro_batch_size": 2, "logging_steps": 1, "output_dir": str(tmp_path / "out")}
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=ROWS, data={"max_length": 24}, train=train)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lora_cli",
+           "train", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(p.stat().st_size for p in (tmp_path / "out").glob("runs/*/metrics.jsonl")):
+        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the launcher and its workers get it
+    output = proc.communicate(timeout=240)[0]
+    assert output.count("To continue, run:") == 1, output[-3000:]
+    lines = output.splitlines()
+    command = shlex.split(lines[next(i for i, line in enumerate(lines) if "To continue, run:" in line) + 1])
+    assert command == [*cmd, "train.resume_from_checkpoint=auto"], command
+    step = int(output.split("stopped at step ")[1].split(";")[0])
+    resumed = subprocess.run([*command, f"train.max_steps={step + 2}"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lora_cli.cli import train_app
 from lora_cli.estimate import GPUS, estimate_for_config, parse_gpu
-from lora_cli.memory_model import NF4_BITS_PER_WEIGHT, StepShape, build_meta_model, model_facts, step_parts
+from lora_cli.memory_model import NF4_BITS_PER_WEIGHT, StepShape, model_facts, step_parts
+from lora_cli.models import build_meta_model
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -167,7 +167,7 @@ def test_kill_during_a_checkpoint_save_leaves_complete_checkpoints(tmp_path, tra
     run.state.global_step = 7  # write a new checkpoint-7 beside checkpoint-1 and -2
 
     def save() -> None:
-        save_checkpoint(run, None)
+        save_checkpoint(run)
 
     restore(template, out)
     total = count_calls(save)

@@ -34,7 +34,7 @@ def recorded(monkeypatch):
         calls["config"].append((revision, trust_remote_code))
         return real_stored(name)
 
-    import lora_cli.merge_stream as merge_stream
+    import lora_cli.merge.stream as merge_stream
 
     real_checkpoint = merge_stream._checkpoint
 

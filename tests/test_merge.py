@@ -251,7 +251,7 @@ def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, pa
     out = tmp_path / "out" / "merged"
     # A broken merge: the update is silently dropped (W stays W).
     if path == "streamed":  # caught by the per-tensor check
-        monkeypatch.setattr("lora_cli.merge_stream.merged_weight", lambda weight, *args, **kwargs: weight.float())
+        monkeypatch.setattr("lora_cli.merge.stream.merged_weight", lambda weight, *args, **kwargs: weight.float())
         result = merge(adapter, out)
         assert_error(result, "Verification failed for model.layers.0.self_attn.q_proj.weight", "nothing was written")
     else:  # caught by the logits check

@@ -46,7 +46,7 @@ def test_a_linked_output_dir_is_written_through_and_stays_a_link(tiny_model_dir,
 # A real lora-merge process that stops after writing its first shard into the hidden temporary folder, until killed.
 SLOW_MERGE = """
 import sys, time
-import lora_cli.merge_stream as merge_stream
+import lora_cli.merge.stream as merge_stream
 from lora_cli.cli import merge_app
 
 write = merge_stream.write_streaming
@@ -123,7 +123,7 @@ def test_a_merge_into_a_new_nested_folder_locks_it_and_leaves_nothing_behind(tmp
     a second one (which could lock, the parents existing by then) removed the first's live temporary folder."""
     from lora_cli.errors import UserError
     from lora_cli.fsutil import lock_path_of
-    from lora_cli.merge_output import output_guarded
+    from lora_cli.merge.output import output_guarded
 
     out = tmp_path / "a" / "b" / "out"
     with output_guarded(out, log=print):

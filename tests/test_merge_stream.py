@@ -118,7 +118,7 @@ def test_full_disk_while_writing_exits_2_and_leaves_nothing(tiny_model_dir, tmp_
         Path(path).write_bytes(b"half a shard")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lora_cli.merge_stream.write_streaming", full_disk)
+    monkeypatch.setattr("lora_cli.merge.stream.write_streaming", full_disk)
     result = merge(adapter, out, "--max-shard-size", "30KB")
 
     assert calls
@@ -129,7 +129,7 @@ def test_full_disk_while_writing_exits_2_and_leaves_nothing(tiny_model_dir, tmp_
 
 def test_too_little_free_space_is_refused_before_writing(tiny_model_dir, tmp_path, monkeypatch):
     adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
-    monkeypatch.setattr("lora_cli.merge_output.free_bytes", lambda path: 1000)
+    monkeypatch.setattr("lora_cli.merge.output.free_bytes", lambda path: 1000)
     result = merge(adapter, tmp_path / "merged")
     assert_error(result, "Not enough disk space", "0.00 MB are free")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -338,3 +338,55 @@ def test_the_finished_message_says_how_to_train_further(tmp_path, trainable_mode
     result = runner.invoke(train_app, [str(config), "train.resume_from_checkpoint=auto"])
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and "kept no checkpoint to continue from" in text and "overwrite_output_dir" in text
+
+
+@pytest.mark.parametrize("best", [False, True], ids=["last", "load_best_at_end"])
+def test_extending_a_finished_run_continues_from_its_last_step(tmp_path, trainable_model_dir, best):
+    """A finished run made longer (max_steps 4 -> 8, resume_from_checkpoint=auto) continues from step 4, where the
+    result left it, not from checkpoint-2 (which would discard steps 3-4): with a constant learning rate it then
+    equals the run that trained 8 steps at once, and save_total_limit still holds."""
+    train_section = {"max_steps": 4, "save_steps": 2, "save_total_limit": 1, "lr_scheduler": "constant",
+                     "learning_rate": 1e-2, "load_best_at_end": best, **({"eval_steps": 2} if best else {})}
+    sections = {"lora": {"dropout": 0.1}, **({"data": {"val_size": 3}} if best else {})}
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train=train_section, **sections)
+    train(load_config(config), quiet=True)
+    out = tmp_path / "out"
+    longer = runner.invoke(train_app, [str(config), "train.max_steps=8", "train.resume_from_checkpoint=auto"])
+    assert longer.exit_code == 0, longer.output
+    assert f"resuming from {out} (step 4" in " ".join(longer.output.split())
+    reference = tmp_path / "reference"
+    train(load_config(config, ["train.max_steps=8", f"train.output_dir={reference}"]), quiet=True)
+    assert weights(out) == weights(reference)
+    assert [r for r in records(out) if "loss" in r] == [r for r in records(reference) if "loss" in r]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def test_load_best_at_end_switched_on_at_a_resume_restores_the_best(tmp_path, trainable_model_dir, monkeypatch):
+    """The run kept no best weights (load_best_at_end was off): switched on at a resume, the best weights are read
+    from the checkpoint of the best evaluation; when that checkpoint is gone the change is refused."""
+    import lora_cli.training.loop as loop
+
+    losses = iter([1.0, 2.0, 3.0, 4.0, 5.0])  # the best is the first evaluation, at step 2
+
+    def fake_evaluate(*args, **kwargs):
+        return {"eval_loss": next(losses), "eval_ppl": 2.0, "eval_tokens": 1}
+
+    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, data={"val_size": 3},
+                         train={"max_steps": 4, "save_steps": 2, "eval_steps": 2})
+    train(load_config(config), quiet=True)
+    out, gone = tmp_path / "out", tmp_path / "gone"
+    shutil.copytree(out, gone)
+    shutil.rmtree(gone / "checkpoint-2")  # the best step's checkpoint is not there
+    refused = runner.invoke(train_app, [str(config), f"train.output_dir={gone}", "train.max_steps=8",
+                                        "train.resume_from_checkpoint=auto", "train.load_best_at_end=true"])
+    assert refused.exit_code == 2, refused.output
+    text = " ".join(refused.output.split())
+    assert "train.load_best_at_end=true was switched on at this resume" in text and "step 2" in text
+
+    result = runner.invoke(train_app, [str(config), "train.max_steps=8", "train.resume_from_checkpoint=auto",
+                                       "train.load_best_at_end=true"])
+    assert result.exit_code == 0, result.output
+    assert "best evaluated one: step 2" in result.output
+    assert weights(out) == weights(out / "checkpoint-2")  # the best, not the last

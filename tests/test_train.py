@@ -323,3 +323,23 @@ def test_training_never_uses_cudnn_attention(tmp_path, trainable_model_dir, monk
     train(load_config(config), quiet=True)
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_an_error_during_evaluation_leaves_the_model_training(monkeypatch):
+    """evaluate() switches the model to eval mode (dropout off); an error inside (out of memory, Ctrl-C) must switch
+    it back, or the rest of a notebook session would train without dropout."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from lora_cli.data import Example
+    from lora_cli.training import evaluation
+
+    def out_of_memory(model, batch):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(evaluation, "causal_lm_loss", out_of_memory)
+    model = torch.nn.Linear(2, 2)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device="cpu", autocast=contextlib.nullcontext)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluation.evaluate(model, [Example([1, 2, 3], [1, 2, 3])], 0, 2, accelerator)
+    assert model.training

@@ -17,9 +17,10 @@ from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
 from ..inject import lora_state_dict
 from ..models import fp16_risk
-from .checkpoint import save_checkpoint
+from .checkpoint import load_lora_weights, save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
+from .layout import checkpoint_dir
 from .plan import collate, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests
@@ -36,7 +37,9 @@ from .step import (
 
 
 def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
-    """Train until run.total_steps updates are applied (or early stopping); (last step's loss, last evaluation).
+    """Train run.model with run.optimizer on run.bundle.train, evaluating on run.bundle.val, as run.cfg says, until
+    run.total_steps updates are applied (or early stopping); every record goes through run.sink. Changes run.state
+    and run.loop only. Returns (the last step's loss, the last evaluation).
 
     A step that does not log, evaluate or checkpoint reads nothing back from the device: whether its update was
     applied reaches the host one step later (training.step.UpdateOutcome), and the running sums are read once per
@@ -53,7 +56,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     window = t.gradient_accumulation_steps * world  # micro batches per optimizer step, all processes
     last_eval = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
     start_time = time.perf_counter()
-    run.last_save = time.monotonic()
+    run.loop.last_save = time.monotonic()
     sums = WindowSums(state.window_loss, accelerator.device)
     outcome = UpdateOutcome(accelerator.device)
     pending: list = []  # the update whose outcome has not been read yet: [trained tokens, real tokens]
@@ -147,7 +150,7 @@ def _host_work_due(run: Run, stop: StopRequests, next_step: int) -> bool:
         or state.consecutive_skipped + 1 >= t.max_nonfinite_steps
         # One answer for every process (the main one's clock decides save_minutes), so all take the same path.
         or _any_process(run, stop.signum is not None or bool(
-            t.save_minutes and run.main and time.monotonic() - run.last_save >= 60 * t.save_minutes))
+            t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes))
     )
 
 
@@ -175,8 +178,8 @@ def _log(run: Run, sums: WindowSums, progress, task, timing: dict, start_time: f
 
 def _save(run: Run, sums: WindowSums) -> None:
     run.state.window_loss = sums.read()[0]  # the checkpoint holds the running sum exactly
-    save_checkpoint(run, run.best_weights)
-    run.last_save, run.last_checkpoint_step = time.monotonic(), run.state.global_step
+    save_checkpoint(run)
+    run.loop.last_save, run.loop.last_checkpoint_step = time.monotonic(), run.state.global_step
 
 
 def _count_skipped(run: Run, progress, why: str) -> None:
@@ -199,7 +202,7 @@ def _checkpoint_due(run: Run) -> bool:
     decides for all, so every process takes part in the same saves)."""
     t, step = run.cfg.train, run.state.global_step
     due = bool(t.save_steps and step % t.save_steps == 0)
-    if t.save_minutes and run.main and time.monotonic() - run.last_save >= 60 * t.save_minutes:
+    if t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes:
         due = True
     return _any_process(run, due)
 
@@ -209,9 +212,10 @@ def _stop_if_asked(run: Run, stop: StopRequests, sums: WindowSums) -> None:
     if not _any_process(run, stop.signum is not None):
         return
     step = run.state.global_step
-    if run.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
+    if run.loop.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
         _save(run, sums)
-    raise TrainingStopped(stop.signum or signal.SIGTERM, step, run.out / f"checkpoint-{step}")
+    # The signal number of the process that asked; another process only learns that one did, so SIGTERM there.
+    raise TrainingStopped(stop.signum or signal.SIGTERM, step, checkpoint_dir(run.out, step), main=run.main)
 
 
 def _any_process(run: Run, flag: bool) -> bool:
@@ -242,7 +246,8 @@ def validate_and_track(run: Run) -> dict:
     if best is None or loss < best:
         state.best_eval_loss, state.best_step = loss, state.global_step
         if t.load_best_at_end:
-            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(run.model).items()}
+            run.loop.best_weights = {k: v.detach().to("cpu", copy=True)
+                                     for k, v in lora_state_dict(run.model).items()}
     patience = t.early_stopping_patience
     if patience and state.evals_without_improvement >= patience and not state.stopped_early:
         state.stopped_early = True
@@ -256,12 +261,8 @@ def validate_and_track(run: Run) -> dict:
 
 def restore_best(run: Run) -> None:
     """train.load_best_at_end: put the best evaluated LoRA weights back before the final save."""
-    if not run.best_weights:
-        return
-    params = dict(run.model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in run.best_weights.items():
-            params[key].copy_(tensor)
+    if run.loop.best_weights:
+        load_lora_weights(run.model, run.loop.best_weights)
 
 
 def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,

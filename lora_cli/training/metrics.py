@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Protocol
 
 from ..fsutil import atomic_write_text
-
-LIVE_DIR = "runs"
-METRICS_NAME = "metrics.jsonl"
-SAMPLES_NAME = "samples.jsonl"
+from .layout import METRICS_NAME, SAMPLES_NAME, live_dir
 
 
 def strict(record: dict) -> dict:
@@ -33,12 +31,29 @@ def _line(record: dict) -> str:
     return json.dumps(strict(record), allow_nan=False, ensure_ascii=False) + "\n"
 
 
+class Tracker(Protocol):
+    def log(self, record: dict) -> None: ...
+
+    def text(self, step: int, rows: list[dict]) -> None: ...
+
+
+class _NoTracker:
+    def log(self, record: dict) -> None:
+        pass
+
+    def text(self, step: int, rows: list[dict]) -> None:
+        pass
+
+
+NO_TRACKER: Tracker = _NoTracker()
+
+
 class MetricsSink:
     """Records -> console, the live files (main process only), the trackers (a plug-in: `log(record)` and
-    `text(step, rows)`, see trackers.Trackers; None for none), and the run's history."""
+    `text(step, rows)`, see trackers.Trackers; one that started none for none), and the run's history."""
 
-    def __init__(self, out: Path, run_name: str, writes: bool, show, tracker=None, warn=print):
-        self.path = out / LIVE_DIR / run_name / METRICS_NAME
+    def __init__(self, out: Path, run_name: str, writes: bool, show, tracker: Tracker = NO_TRACKER, warn=print):
+        self.path = live_dir(out, run_name) / METRICS_NAME
         self.samples_path = self.path.with_name(SAMPLES_NAME)
         self.writes = writes  # only the main process writes
         self.show = show  # record (or sample row) -> None: the console line, or nothing when quiet
@@ -59,8 +74,7 @@ class MetricsSink:
         record = strict(record)
         self.show(record)
         self._append(self.path, [record])
-        if self.tracker is not None:
-            self.tracker.log(record)
+        self.tracker.log(record)
         history.append(record)
 
     def log_samples(self, rows: list[dict], history: list[dict]) -> None:
@@ -68,7 +82,7 @@ class MetricsSink:
         for row in rows:
             self.show(row)
         self._append(self.samples_path, rows)
-        if self.tracker is not None and rows:
+        if rows:
             self.tracker.text(rows[0]["step"], rows)
         history.extend(rows)
 

@@ -1,13 +1,5 @@
-"""The output folder: what a run may write where, and the final result published as one atomic swap.
-
-    output_dir/
-      adapter_config.json, adapter_model.safetensors, tokenizer files,    the result: a PEFT-loadable adapter
-      lora_config.yaml, trainer_state.json, metrics.jsonl, ...            folder, published as a whole
-      loss.png, samples.jsonl                                             curves; answers to train.eval_prompts
-      merged/                                                             (train.merge_at_end)
-      checkpoint-<step>/                                                  full-state checkpoints, each atomic
-      runs/<run_name>/metrics.jsonl, samples.jsonl                        the live logs of a running job
-      runs/<run_name>/events.out.tfevents.*                               TensorBoard (train.report_to)
+"""The output folder's rules: what a run may write where, its lock, the leftovers of killed runs, and the final
+result published as one atomic swap. The names in it are layout.py's; what it holds is read by snapshot.scan.
 
 While training, only checkpoints and the live log under runs/ are written into output_dir; an older result there
 stays untouched until the new one is complete. The result is then built in a hidden sibling folder, the entries of
@@ -23,55 +15,34 @@ import contextlib
 import fnmatch
 import json
 import os
-import re
 import shutil
 import stat
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..adapter import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from ..errors import UserError
 from ..fsutil import (
-    OLD_SUFFIX,
-    TMP_SUFFIX,
+    TempName,
     atomic_write_text,
     check_can_create,
-    is_within,
     disk_full_message,
     follow_link,
     is_disk_full,
+    is_within,
     link_tree,
     make_temp_dir,
+    parse_temp_name,
     recover_dir,
     replace_dir,
     sync_tree,
     take_lock,
     temp_name,
 )
-from .checkpoint import PREFIX
+from .layout import KNOWN_RESULT_NAMES, MANIFEST_NAME, checkpoint_step
+from .snapshot import list_checkpoints
 
-MANIFEST_NAME = ".lora_cli_result.json"  # which names the published result consists of, and when it was published
-LIVE_DIR = "runs"
-# What earlier versions wrote as the result (they wrote no manifest): replaced, never carried over.
-KNOWN_RESULT_NAMES = (
-    CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "lora_config.yaml", "trainer_state.json", "metrics.jsonl",
-    "loss.png", "samples.jsonl",
-    "merged", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "chat_template.*", "*.model",
-)
-
-
-def has_result(out: Path) -> bool:
-    """Whether `out` holds a trained adapter (ours, PEFT's or a legacy .bin one)."""
-    return (out / CONFIG_NAME).is_file() and any((out / name).is_file() for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
-
-
-def result_state(out: Path) -> dict | None:
-    """The published result's trainer_state.json (None for an adapter without one)."""
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
-    return None
+PUBLISH_TAG = "publish-"  # the hidden sibling the result is built in: .<output_dir>.publish-<random>.tmp
 
 
 def _ready_path(out: Path) -> Path:
@@ -151,24 +122,26 @@ def recover(out: Path, log: Callable[[str], None]) -> None:
             shutil.rmtree(ready, ignore_errors=True)
     recover_dir(out, ready)
     if out.parent.is_dir():
-        publishing = re.compile(re.escape(temp_name(out)) + r"publish-[a-z0-9_]+" + re.escape(TMP_SUFFIX))
         for leftover in out.parent.iterdir():
-            if publishing.fullmatch(leftover.name):
+            if parse_temp_name(leftover.name) == TempName(out.name, PUBLISH_TAG):
                 shutil.rmtree(leftover, ignore_errors=True)
     if out.is_dir():
         _recover_checkpoints(out)
 
 
-_CHECKPOINT_TEMP = re.compile(r"\.(checkpoint-\d+)\.(?:[a-z0-9_]+\.tmp|replaced\.old)")
+def _checkpoint_leftover(name: str) -> TempName | None:
+    """The temporary name of a checkpoint-<step> folder (atomic_dir's), parsed; None for any other name."""
+    parsed = parse_temp_name(name)
+    return parsed if parsed is not None and checkpoint_step(parsed.target) is not None else None
 
 
 def _recover_checkpoints(out: Path) -> None:
     for leftover in list(out.iterdir()):
-        match = _CHECKPOINT_TEMP.fullmatch(leftover.name)
-        if not match or not leftover.is_dir():
+        parsed = _checkpoint_leftover(leftover.name)
+        if parsed is None or not leftover.is_dir():
             continue
-        final = out / match.group(1)
-        if leftover.name.endswith(OLD_SUFFIX) and not final.exists():
+        final = out / parsed.target
+        if parsed.is_old_copy and not final.exists():
             os.replace(leftover, final)  # the complete old copy of a checkpoint whose replacement was cut short
         else:
             shutil.rmtree(leftover, ignore_errors=True)
@@ -188,7 +161,7 @@ def publish(out: Path, write: Callable[[Path], None], run_id: str, needed_bytes:
     """Build the result with `write(folder)` in a hidden sibling, carry over what is not part of any result, and swap
     it in as output_dir. Nothing in output_dir changes unless all of it succeeds. `later`: names the run adds to the
     result after publishing (merged/), listed in the manifest so that a later run replaces them too."""
-    stage = make_temp_dir(out, tag="publish-")
+    stage = make_temp_dir(out, tag=PUBLISH_TAG)
     try:
         if out.is_dir():  # the new folder takes the old one's place: keep its permissions and owner (setgid too)
             _same_mode_and_owner(stage, out)
@@ -222,14 +195,11 @@ def _same_mode_and_owner(folder: Path, like: Path) -> None:
 
 def _carry_over(out: Path, stage: Path, new_names: set[str], run_id: str) -> None:
     stale = _old_result_names(out)
+    others = {c.path.name for c in list_checkpoints(out) if c.run_id != run_id}  # not part of this result
     for entry in out.iterdir():
         name = entry.name
-        if name in new_names or name in stale or _CHECKPOINT_TEMP.fullmatch(name):
+        if name in new_names or name in stale or name in others or _checkpoint_leftover(name):
             continue
-        if name.startswith(PREFIX) and entry.is_dir():
-            state = result_state(entry)
-            if state is None or state.get("run_id") != run_id:
-                continue  # another run's checkpoint: not part of this result
         link_tree(entry, stage / name)
 
 

@@ -19,8 +19,8 @@ import yaml
 
 from ..errors import UserError
 from ..fsutil import atomic_file
+from .layout import CHECKPOINT_PREFIX, CONFIG_COPY_NAME, LIVE_DIR, METRICS_NAME, PLOT_NAME, STATE_NAME
 
-PLOT_NAME = "loss.png"
 _warned = []
 
 
@@ -129,9 +129,9 @@ def find_metrics(out: Path) -> Path:
     """The newest metrics.jsonl of `out`: the finished result's, or the live one of a running or interrupted run."""
     if not out.is_dir():
         raise UserError(f"--plot {out}: no such folder. Pass a train.output_dir of a run (finished or not).")
-    candidates = [p for p in [out / "metrics.jsonl", *out.glob("runs/*/metrics.jsonl")] if p.is_file()]
+    candidates = [p for p in [out / METRICS_NAME, *out.glob(f"{LIVE_DIR}/*/{METRICS_NAME}")] if p.is_file()]
     if not candidates:
-        raise UserError(f"--plot {out}: there is no metrics.jsonl in it nor in {out / 'runs'}/*/; is it the "
+        raise UserError(f"--plot {out}: there is no {METRICS_NAME} in it nor in {out / LIVE_DIR}/*/; is it the "
                         "train.output_dir of a lora-train run?")
     # Newest first; on a tie the result's own (a finished run's live copy holds the same records).
     return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.parent == out))
@@ -153,8 +153,8 @@ def read_records(path: Path) -> list[dict]:
 
 def _title_from_folder(out: Path, metrics: Path) -> str:
     """The title from the run's resolved config (the result's, else the newest checkpoint's) and its run name."""
-    configs = [out / "lora_config.yaml", *sorted(out.glob("checkpoint-*/lora_config.yaml"),
-                                                 key=lambda p: p.stat().st_mtime_ns, reverse=True)]
+    configs = [out / CONFIG_COPY_NAME, *sorted(out.glob(f"{CHECKPOINT_PREFIX}*/{CONFIG_COPY_NAME}"),
+                                               key=lambda p: p.stat().st_mtime_ns, reverse=True)]
     cfg = {}
     for path in configs:
         try:
@@ -170,7 +170,7 @@ def _title_from_folder(out: Path, metrics: Path) -> str:
 
 def _result_run_name(out: Path) -> str:
     try:
-        return json.loads((out / "trainer_state.json").read_text(encoding="utf-8")).get("run_name", "")
+        return json.loads((out / STATE_NAME).read_text(encoding="utf-8")).get("run_name", "")
     except (OSError, ValueError):
         return ""
 

@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import rng_state, set_rng_state
+from .rng import untouched_rng
 from .state import Run
 
 
-def load_prompts(cfg) -> list[str]:
-    """train.eval_prompts as a list (read from its file when it is a path); checked before the model loads."""
+def load_prompts(cfg) -> tuple[str, ...]:
+    """train.eval_prompts (read from its file when it is a path), () for none; checked before the model loads."""
     value = cfg.train.eval_prompts
     if value is None:
-        return []
+        return ()
     if isinstance(value, list):
-        return list(value)
+        return tuple(value)
     from ..generate_io import read_prompt_file
 
     if not Path(value).is_file():
@@ -38,7 +38,7 @@ def load_prompts(cfg) -> list[str]:
             f"train.eval_prompts: '{value}' is not a file. Give the path of a prompt file (one prompt per line, or "
             f"JSONL with a \"prompt\" field), or write the prompts as a list: eval_prompts: [\"{value}\"]."
         )
-    return read_prompt_file(value)
+    return tuple(read_prompt_file(value))
 
 
 def answer_prompts(run: Run) -> None:
@@ -53,7 +53,7 @@ def answer_prompts(run: Run) -> None:
             answers = [_answer(run, prompt) for prompt in run.prompts]
         rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
         run.sink.log_samples(rows, run.state.samples)
-        run.samples_seconds += time.perf_counter() - started
+        run.loop.samples_seconds += time.perf_counter() - started
     run.accelerator.wait_for_everyone()
 
 
@@ -74,17 +74,16 @@ def _generation_mode(run: Run):
     config = model.config
     was_training, use_cache = model.training, getattr(config, "use_cache", None)
     attention = getattr(config, "_attn_implementation", None)
-    saved_rng = rng_state()
     model.eval()
     config.use_cache = True
     switched = attention in (PACKED_SDPA, TRAIN_SDPA)  # packed_attention switches only sdpa models: sdpa it was
     if switched:
         model.set_attn_implementation("sdpa")
     try:
-        yield
+        with untouched_rng():
+            yield
     finally:
         if switched:
             model.set_attn_implementation(attention)
         config.use_cache = use_cache
         model.train(was_training)
-        set_rng_state(saved_rng)

@@ -1,9 +1,24 @@
-"""Where a run is (TrainState, written into every checkpoint) and what it produced (TrainResult)."""
+"""The run's objects: what setup fixes (Run), where the run is (TrainState, written into every checkpoint), what
+the loop keeps besides (LoopState), and what the run produced (TrainResult)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # types only: importing these here would load torch, transformers and accelerate for every command
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..config import Config
+    from ..data import DataBundle
+    from ..models import PrecisionChoice
+    from .metrics import MetricsSink
+    from .trackers import Trackers
+
+Say = Callable[..., None]  # (message, markup=True) -> None: prints on the main process, nothing elsewhere
 
 
 @dataclass
@@ -53,33 +68,45 @@ class TrainResult:
 
 
 @dataclass
-class Run:
-    """Everything the loop works with, made once by setup (lora_cli.train) and finished there."""
+class LoopState:
+    """What the loop changes besides TrainState: bookkeeping no file holds as such."""
 
-    cfg: object  # Config
-    accelerator: object
-    precision: object  # models.PrecisionChoice
-    tokenizer: object
-    model: object  # the transformers model with LoRA layers: evaluated, packed-checked and saved
-    loss_model: object  # CausalLMLoss(model) as prepared by Accelerate: what the step runs
-    optimizer: object
-    scheduler: object
-    bundle: object  # data.DataBundle
-    target_modules: object  # the resolved lora targets, as written to adapter_config.json
-    out: Path
-    total_steps: int
-    sink: object  # metrics.MetricsSink
-    quiet: bool
-    state: TrainState = field(default_factory=TrainState)
-    say: object = print  # message -> None on the main process, nothing elsewhere
     best_weights: dict | None = None  # LoRA tensors of the best evaluation (train.load_best_at_end)
     last_save: float = 0.0  # time.monotonic() of the last checkpoint, for train.save_minutes
     last_checkpoint_step: int | None = None  # a stop right after this step's checkpoint need not write it again
-    prompts: list[str] = field(default_factory=list)  # train.eval_prompts, read before the model loaded
-    trackers: object = None  # trackers.Trackers on the main process when train.report_to names any
-    started: float = 0.0  # time.perf_counter() when setup began, for the closing summary
-    start_step: int = 0  # where this part of the run began (a resumed run: the checkpoint's step)
     samples_seconds: float = 0.0  # time spent answering train.eval_prompts in this part, for the closing summary
+
+
+@dataclass
+class Run:
+    """What setup (lora_cli.train) fixes for the whole run, built whole before the first step.
+
+    fit's inputs by name: the model and its optimizer and schedule, the data (bundle.train, bundle.val), the
+    arguments (cfg), and the callback every record goes through (sink, with the trackers behind it). The loop never
+    reassigns a field; what it changes is `state` (written into every checkpoint) and `loop`.
+    """
+
+    cfg: Config
+    accelerator: Accelerator
+    precision: PrecisionChoice
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel  # the transformers model with LoRA layers: evaluated, packed-checked and saved
+    loss_model: torch.nn.Module  # CausalLMLoss(model) as prepared by Accelerate: what the step runs
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    bundle: DataBundle
+    target_modules: list[str]  # the resolved lora targets, as written to adapter_config.json
+    out: Path
+    total_steps: int
+    start_step: int  # where this part of the run began (a resumed run: the checkpoint's step)
+    started: float  # time.perf_counter() when setup began, for the closing summary
+    quiet: bool
+    say: Say
+    sink: MetricsSink  # records and sample answers -> console, live files, trackers
+    trackers: Trackers  # none started (an empty Trackers) unless train.report_to names some, on the main process
+    prompts: tuple[str, ...]  # train.eval_prompts, read before the model loaded; () for none
+    state: TrainState
+    loop: LoopState = field(default_factory=LoopState)
 
     @property
     def main(self) -> bool:

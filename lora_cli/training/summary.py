@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .checkpoint import list_checkpoints
 from .console import console
-from .metrics import METRICS_NAME, SAMPLES_NAME
-from .plot import PLOT_NAME
+from .layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
+from .snapshot import list_checkpoints
 from .state import Run
 
 
@@ -82,10 +81,10 @@ def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = N
     if state.samples:
         where = (live if stopped_at is not None else result_dir) / SAMPLES_NAME
         rows.append(("sample answers", f"{where} ({len(state.samples)} answers; answering took "
-                                       f"{duration(run.samples_seconds)} of this part)"))
+                                       f"{duration(run.loop.samples_seconds)} of this part)"))
     if stopped_at is None and run.cfg.train.merge_at_end:
-        rows.append(("merged model", str(result_dir / "merged")))
-    for where in getattr(run.trackers, "where", []):
+        rows.append(("merged model", str(result_dir / MERGED_DIR)))
+    for where in run.trackers.where:
         rows.append(("tracker logs", where))
     for name, value in rows:
         table.add_row(name, Text(value))  # Text: a path holding [brackets] is not markup

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from .layout import default_logging_dir
 
 INSTALL = {
     "tensorboard": 'pip install -e ".[tensorboard]" (in a lora-cli checkout) or pip install tensorboard',
@@ -46,7 +47,7 @@ def check_installed(report_to: list[str]) -> None:
 
 def logging_dir(cfg) -> Path:
     t = cfg.train
-    return Path(t.logging_dir) if t.logging_dir else Path(t.output_dir) / "runs"
+    return Path(t.logging_dir) if t.logging_dir else default_logging_dir(t.output_dir)
 
 
 def tag(record: dict, key: str) -> str:
@@ -63,16 +64,17 @@ def scalars(record: dict) -> dict:
 
 
 class Trackers:
-    """The run's started trackers (Accelerate GeneralTracker objects, also in accelerator.trackers)."""
+    """The run's started trackers (Accelerate GeneralTracker objects, also in accelerator.trackers); with none
+    started (train.report_to empty, or a process other than the main one) every call does nothing."""
 
-    def __init__(self, accelerator, trackers: list):
+    def __init__(self, accelerator, trackers: list, where: list[str]):
         self.accelerator = accelerator
         self.trackers = trackers
-        self.where: list[str] = []  # where each tracker writes, for the closing summary
+        self.where = where  # where each tracker writes, for the closing summary
 
     def log(self, record: dict) -> None:
         values = scalars(record)
-        if values:
+        if values and self.trackers:
             self.accelerator.log(values, step=record["step"])
 
     def text(self, step: int, rows: list[dict]) -> None:
@@ -99,11 +101,11 @@ def _markdown(row: dict) -> str:
     return f"**{row['prompt']}**\n\n```\n{row['answer']}\n```"
 
 
-def start(accelerator, cfg, state, config_values: dict) -> Trackers | None:
+def start(accelerator, cfg, state, config_values: dict) -> Trackers:
     """Start train.report_to's trackers on the main process for the run in `state` (fresh or resumed)."""
     report_to = cfg.train.report_to
     if not report_to or not accelerator.is_main_process:
-        return None
+        return Trackers(accelerator, [], [])
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     folder = logging_dir(cfg)
@@ -124,9 +126,7 @@ def start(accelerator, cfg, state, config_values: dict) -> Trackers | None:
     # Accelerate starts trackers through init_trackers; tracker objects in log_with are taken as they are.
     accelerator.log_with = made
     accelerator.init_trackers(state.run_name, config=config_values)
-    trackers = Trackers(accelerator, list(accelerator.trackers))
-    trackers.where = where
-    return trackers
+    return Trackers(accelerator, list(accelerator.trackers), where)
 
 
 def hyperparameters(flat_config: dict) -> dict:

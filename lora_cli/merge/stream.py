@@ -19,20 +19,20 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key,
+from ..adapter import (BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key,
                       read_adapter_tensors, same_values)
-from .errors import UserError
-from .inject import lora_layers
-from .lora import merged_weight
-from .memory_model import build_meta_model
-from .model_files import check_weight_files
-from .safetensors_io import SafetensorsFile, write_streaming
+from ..errors import UserError
+from ..inject import lora_layers
+from ..lora import merged_weight
+from ..model_files import check_weight_files
+from ..models import build_meta_model
+from ..safetensors_io import SafetensorsFile, write_streaming
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Each merged weight is checked against the unmerged computation on a few random input columns: merged W x must
 # equal W x + scaling B (A x) (DoRA: times m / ||W + s B A||) within 1e-4 of its largest value, the same relative
-# tolerance as the fp32 logits check (merge_verify.MERGE_TOLERANCE). fp32 rounding of a 4096-wide dot product is ~1e-6 of
+# tolerance as the fp32 logits check (verify.MERGE_TOLERANCE). fp32 rounding of a 4096-wide dot product is ~1e-6 of
 # it; a missing update, a wrong scaling or transpose is off by the update's own size (1e-3 and more of W x).
 PROBE_COLUMNS = 4
 PROBE_TOLERANCE = 1e-4

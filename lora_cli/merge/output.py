@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .errors import Terminated, UserError
-from .fsutil import (check_can_create, is_disk_full, is_within, lock_path_of, remove_stale_temp_dirs,
+from ..errors import Terminated, UserError
+from ..fsutil import (check_can_create, is_disk_full, is_within, lock_path_of, remove_stale_temp_dirs,
                      take_lock)
 
 

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .inject import set_lora_enabled
+from ..errors import UserError
+from ..inject import set_lora_enabled
 
 # A few fixed sentences of different kinds (prose, code, Q&A, numbers) for the verify batch.
 VERIFY_TEXTS = (

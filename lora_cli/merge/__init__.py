@@ -1,14 +1,18 @@
 """lora-merge: fold a LoRA adapter into its base model and write a plain transformers model folder.
 
-By default the merge streams (merge_stream.py): the base's safetensors shards are read one tensor at a time, each
+By default the merge streams (stream.py): the base's safetensors shards are read one tensor at a time, each
 targeted weight is merged in fp32, checked against W + scaling * B A and written, so RAM holds about one tensor
 (plus the interpreter), whatever the model's size. Bases it cannot stream (pickle .bin checkpoints) and
 `--verify-logits` take the in-memory path: the whole model is loaded in fp32 on the CPU (4 bytes of RAM per
-parameter), the adapter applied unmerged, a short verify batch records the reference logits, each LoRA layer
-folds its update into its weight in place (`LoraLinear.merge`), the logits are compared again, and the model is
-cast once and saved. Both write the same folder, atomically. A quantized base is refused before anything loads.
-"""
+parameter), the adapter applied unmerged, a short verify batch records the reference logits (verify.py), each LoRA
+layer folds its update into its weight in place (`LoraLinear.merge`), the logits are compared again, and the model
+is cast once and saved. Both write the same folder, atomically, guarded by output.py (checks before any slow work,
+the lock, a killed merge's leftovers, one message for every failed write). A quantized base is refused before
+anything loads.
 
+This module is the package's front (`merge_adapter`, `save_merged`); stream.py, verify.py and output.py are its
+private parts.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -24,21 +28,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import merge_output
-from .adapter_config import read_adapter_config
-from .errors import ModelNotFound, UserError
-from .fsutil import atomic_dir, follow_link
-from .inject import lora_layers, merge_lora
-from .loading import ModelSource, base_source_of_adapter, load_model
-from .merge_stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
-from .merge_verify import LogitsCheck, VerifyCheck
-from .model_files import weights_dtype
-from .models import check_source, load_tokenizer, parse_dtype, stored_dtype
+from ..adapter_config import read_adapter_config
+from ..errors import ModelNotFound, UserError
+from ..fsutil import atomic_dir, follow_link
+from ..inject import lora_layers, merge_lora
+from ..loading import ModelSource, base_source_of_adapter, load_model
+from ..model_files import weights_dtype
+from ..models import check_source, load_tokenizer, parse_dtype, stored_dtype
+from . import output
+from .stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
+from .verify import LogitsCheck, VerifyCheck
 
 # The adapter config travels with the merged model for provenance, but NOT as adapter_config.json: a model folder
 # holding adapter_config.json makes transformers (and vLLM, TGI) treat the folder as a PEFT adapter and try to
 # load a base model from base_model_name_or_path. Under this name every loader ignores it.
 MERGED_ADAPTER_CONFIG_NAME = "lora_adapter_config.json"
+
 
 @dataclass
 class MergeResult:
@@ -147,7 +152,7 @@ def save_merged(
         model.config.use_cache = True
     out_dir = follow_link(out_dir)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
-    with merge_output.write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with output.write_errors_reported(out_dir, needed), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
@@ -191,7 +196,7 @@ def merge_adapter(
     check_source(source.name_or_path, "--base" if base is not None else f"The base named in {adapter_dir}")
     base = source.name_or_path
     protected = [adapter_dir] + ([Path(base)] if Path(base).exists() else [])
-    merge_output.check_output_dir(output_dir, overwrite, protected)
+    output.check_output_dir(output_dir, overwrite, protected)
     _refuse_quantized_base(source, adapter_dir, output_dir)
     if target_dtype is None:
         # config.json's dtype, else the stored weights' own (a config without `dtype` is common in hand-made or
@@ -199,7 +204,7 @@ def merge_adapter(
         target_dtype = (stored_dtype(base, source.revision, source.trust_remote_code)
                         or weights_dtype(base, source.revision) or torch.float32)
     result = MergeResult(output_dir, base, target_dtype)
-    with merge_output.output_guarded(output_dir, log):
+    with output.output_guarded(output_dir, log):
         return _merge(result, source, adapter_dir, config.raw, named_by_adapter, shard_bytes, verify_logits,
                       overwrite, log)
 
@@ -266,12 +271,12 @@ def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adap
 def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,
                      log: Callable[[str], None]) -> MergeResult:
     output_dir, needed = result.output_dir, plan.total_bytes
-    if merge_output.free_bytes(output_dir) < needed:
-        raise merge_output.write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+    if output.free_bytes(output_dir) < needed:
+        raise output.write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
     name = str(result.dtype).split(".")[1]
     log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
         f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
-    with merge_output.write_errors_reported(output_dir, needed), atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with output.write_errors_reported(output_dir, needed), atomic_dir(output_dir, overwrite=overwrite) as tmp:
         write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
         _write_side_files(tmp, tokenizer, adapter_config)
     result.streamed, result.merged_tensors = True, len(plan.merged)
