@@ -107,6 +107,8 @@ def child_command(args, tool: str, workload: str, data: Path, result: Path, vari
         cmd.append("--no-flash")
     if args.memory_cap_gib:
         cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
+    if args.pad_multiple:
+        cmd += ["--pad-multiple", str(args.pad_multiple)]
     if args.load_in_4bit and "unquantized" not in variant:
         cmd.append("--load-in-4bit")
     if "unpacked" in variant:
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in every run (default: torch's choice)")
     p.add_argument("--no-flash", action="store_true",
                    help="both tools without flash attention (what a T4, compute capability 7.5, runs)")
+    p.add_argument("--pad-multiple", type=int, default=0,
+                   help="lora-cli unpacked: pad batches to a multiple of this (default: lora-train's own choice)")
     p.add_argument("--memory-cap-gib", type=float, default=0,
                    help="both tools: cap PyTorch's CUDA memory at this many GiB (a T4: 15)")
     p.add_argument("--also-unpacked", action="store_true", help="variable workload: also lora-cli without packing")

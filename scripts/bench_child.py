@@ -169,7 +169,10 @@ def child_lora_cli(args, batches: list[tuple[int, int, int]]) -> None:
     """lora-cli's own product loop, train(cfg), observed (never changed) through its collate observers."""
     from lora_cli.config import validate_config
     from lora_cli.train import train
-    from lora_cli.training import plan
+    from lora_cli.training import loop, plan
+
+    if args.pad_multiple:  # lora-train pads unpacked GPU batches to loop.PAD_MULTIPLE: measure another multiple
+        loop.PAD_MULTIPLE = args.pad_multiple
 
     def observe(rows, batch):
         examples = [ex for row in rows for ex in row]

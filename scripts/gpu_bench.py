@@ -41,7 +41,8 @@ SETTINGS = {  # name -> (precision, bench.py flags)
 }
 # (lora-cli variant, PEFT run it is compared with): the variable workload's PEFT run serves both lora-cli rows.
 ROWS = [("fixed", "lora-cli", ""), ("fixed", "peft", ""), ("variable", "lora-cli", "packed"),
-        ("variable", "lora-cli", "unpacked"), ("variable", "peft", "")]
+        ("variable", "lora-cli", "unpacked"), ("variable", "lora-cli", "unpacked, pad 1"), ("variable", "peft", "")]
+PAD_COMPARED = "unpacked, pad 1"  # lora-train's padding to a multiple of 64 on a GPU against none (native only)
 COLUMNS = ["model", "setting", "workload", "lora-cli tokens/s", "PEFT tokens/s", "ratio", "lora-cli peak MiB",
            "PEFT peak MiB", "ratio", "lora-cli syncs/step", "PEFT syncs/step"]
 
@@ -68,7 +69,7 @@ def plan_runs(args) -> list[tuple[str, str, str, str, str]]:
     """(model, setting, workload, tool, variant) in the order they run: one model and setting at a time."""
     workloads = args.workloads.split(",")
     return [(model, setting, *row) for model in args.models.split(",") for setting in args.settings.split(",")
-            for row in ROWS if row[0] in workloads]
+            for row in ROWS if row[0] in workloads and (row[2] != PAD_COMPARED or setting == "native")]
 
 
 def native_precision() -> str:
@@ -97,9 +98,10 @@ def prepare(args) -> dict[str, tuple[Path, dict]]:
     return prepared
 
 
-def bench_args(args, model: Path, setting: str):
+def bench_args(args, model: Path, setting: str, variant: str = ""):
     """scripts/bench.py's arguments for one model and setting (its child runs take the same ones)."""
     precision, flags = SETTINGS[setting]
+    flags = flags + (["--pad-multiple", "1"] if variant == PAD_COMPARED else [])
     precision = "fp32" if args.dry_run and not _cuda() else precision or native_precision()
     argv = ["--model", str(model), "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch",
             str(args.micro_batch), "--seq-len", str(args.seq_len), "--max-length", str(args.max_length),
@@ -124,8 +126,8 @@ def run_all(args, prepared: dict) -> tuple[dict, list]:
         folder, data = prepared[model]
         print(f"[gpu_bench] {model} {setting} {workload}: {name}", flush=True)
         try:
-            results[(model, setting, workload, name)] = bench.run_one(bench_args(args, folder, setting), tool,
-                                                                      workload, data[workload], variant)
+            results[(model, setting, workload, name)] = bench.run_one(bench_args(args, folder, setting, variant),
+                                                                      tool, workload, data[workload], variant)
         except SystemExit as failed:  # bench.run_one prints the child's output; the table says which failed
             print(f"[gpu_bench]   failed: {failed}", flush=True)
             owed.append((model, setting, workload, f"{name} (failed)"))

@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_the_plan_covers_both_models_settings_and_workloads():
     args = gpu_bench.build_parser().parse_args([])
     runs = gpu_bench.plan_runs(args)
-    assert len(runs) == 2 * 2 * 5
+    assert len(runs) == 2 * (5 + 6)  # the native setting also runs lora-cli unpacked without rounding
     assert {r[:2] for r in runs} == {(m, s) for m in ("smollm2-135m", "llama-3.2-1b") for s in ("t4", "native")}
     assert ("llama-3.2-1b", "t4", "variable", "lora-cli", "unpacked") in runs
     t4 = gpu_bench.bench_args(args, Path("m"), "t4")
-    assert t4.precision == "fp16" and t4.no_flash and t4.memory_cap_gib == 15
+    assert t4.precision == "fp16" and t4.no_flash and t4.memory_cap_gib == 15 and not t4.pad_multiple
+    assert gpu_bench.bench_args(args, Path("m"), "native", "unpacked, pad 1").pad_multiple == 1
     only = gpu_bench.build_parser().parse_args(["--workloads", "fixed", "--settings", "native"])
     assert {r[2] for r in gpu_bench.plan_runs(only)} == {"fixed"}
 

@@ -117,7 +117,8 @@ def apply_update(accelerator, optimizer, parameters, max_grad_norm: float | None
         # GradScaler's own record of inf/NaN gradients, per device (set by unscale_): a non-finite loss is added to
         # it, so the step GradScaler drives skips for either.
         found = scaler._per_optimizer_states[id(raw)]["found_inf_per_device"]
-        scaler_inf = sum(found.values()) > 0
+        scaler_inf = torch.stack([flag.to(loss_bad.device) for flag in found.values()]).sum() > 0 if found \
+            else torch.zeros_like(loss_bad)
         for flag in found.values():
             torch.maximum(flag, loss_bad.to(flag), out=flag)
         reason = torch.where(loss_bad, 1, torch.where(scaler_inf, 3, 0))
