@@ -251,6 +251,7 @@ def generate_command(
     """Generate text with a model, optionally with a LoRA adapter."""
     from . import generate as gen
     from . import generate_io
+    from .chat_templates import trained_system_prompt
 
     modes = [name for name, given in (("--prompt", prompt is not None), ("--prompt-file", prompt_file is not None),
                                       ("--chat", chat)) if given]
@@ -269,6 +270,9 @@ def generate_command(
     status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,
                                             trust_remote_code=trust_remote_code, log=status, load_in_4bit=load_in_4bit)
+    with_template = not no_chat_template and getattr(tokenizer, "chat_template", None)
+    if system is None and with_template and (system := trained_system_prompt(adapter)) is not None:
+        status(f"system prompt: the one {adapter} was trained with (data.system_prompt); --system replaces it")
     with generate_io.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
         record = (lambda p, r: generate_io.write_record(out_file, p, r)) if out_file is not None else None
         if chat:

@@ -242,21 +242,19 @@ def _sequence_length(cfg: Config, data, tokenize: bool, notes: list[str]) -> tup
 def _tokenize_local_data(cfg: Config, notes: list[str]):
     """The DataBundle of a local data file (up to 50 MB) tokenized with a local model folder's tokenizer; None if
     either is not here or the data does not tokenize."""
-    data, model = Path(cfg.data.path).expanduser(), Path(cfg.model.name_or_path).expanduser()
+    datas, model = [Path(p).expanduser() for p in cfg.data.paths()], Path(cfg.model.name_or_path).expanduser()
     has_tokenizer = any((model / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    size = sum(f.stat().st_size for f in ([data] if data.is_file() else data.rglob("*"))) if data.exists() else 0
-    if not (data.exists() and model.is_dir() and has_tokenizer) or size > 50 * 10**6:
+    size = sum(sum(f.stat().st_size for f in ([d] if d.is_file() else d.rglob("*"))) for d in datas if d.exists())
+    if not (all(d.exists() for d in datas) and model.is_dir() and has_tokenizer) or size > 50 * 10**6:
         return None
     from . import data as data_lib
+    from .chat_templates import apply_template_setting
     from .models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(str(model), cfg.model.revision, cfg.model.trust_remote_code)
-        return data_lib.build_datasets(
-            cfg.data.path, tokenizer, split=cfg.data.split, format=cfg.data.format, max_length=cfg.data.max_length,
-            train_on_inputs=cfg.data.train_on_inputs, val_size=cfg.data.val_size, val_path=cfg.data.val_path,
-            seed=cfg.train.seed,
-        )
+        apply_template_setting(tokenizer, cfg.data.chat_template)
+        return data_lib.build_from_config(cfg, tokenizer)
     except UserError as err:
         notes.append(f"the data could not be tokenized ({str(err).splitlines()[0][:120]})")
         return None

@@ -14,6 +14,7 @@ import torch
 
 from .adapter import load_adapter, read_adapter_tensors
 from .adapter_config import AdapterConfig, read_adapter_config
+from .chat_templates import use_folder_template
 from .errors import UserError
 from .inject import InjectionReport, merge_lora
 from .models import check_source, load_base_model, load_tokenizer
@@ -82,6 +83,8 @@ def load_model(
         adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
     check_source(source.name_or_path, what)
     tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
+    if adapter_dir is not None and use_folder_template(tokenizer, adapter_dir):
+        log(f"chat template: the one {adapter_dir} was trained with (data.chat_template)")
     where = f"{device or 'cpu'}, {str(dtype).split('.')[1]}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
     log(f"loading {source.name_or_path}" + (f" at revision {source.revision}" if source.revision else "") + f" ({where})")
     model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device,

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import data as data_lib
+from .chat_templates import apply_template_setting
 from .config import Config
 from .errors import TrainingStopped, UserError
 from .inject import apply_lora, lora_settings
@@ -43,21 +44,12 @@ from .training.summary import print_summary
 def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
     """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    apply_template_setting(tokenizer, cfg.data.chat_template)  # before the model loads: a bad template fails fast
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
                             **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg.lora))
-    bundle = data_lib.build_datasets(
-        cfg.data.path,
-        tokenizer,
-        split=cfg.data.split,
-        format=cfg.data.format,
-        max_length=cfg.data.max_length,
-        train_on_inputs=cfg.data.train_on_inputs,
-        val_size=cfg.data.val_size,
-        val_path=cfg.data.val_path,
-        seed=cfg.train.seed,
-    )
+    bundle = data_lib.build_from_config(cfg, tokenizer)
     return tokenizer, model, report, bundle
 
 

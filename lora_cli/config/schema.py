@@ -8,14 +8,16 @@ Error wording and did-you-mean suggestions are derived from the schema (validati
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from ..chat_templates import setting_problem
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
-DataFormat = Literal["auto", "text", "alpaca", "chat"]
+DataFormat = Literal["auto", "text", "alpaca", "chat", "prompt_completion"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 LoraInit = Literal["default", "gaussian"]
 Optimizer = Literal["adamw"]  # torch.optim.AdamW; a Literal so more can be added without a type change
@@ -155,8 +157,43 @@ def _check_module_pattern(pattern: str) -> str:
     return pattern
 
 
+class DataSource(_Section):
+    """One entry of a data.path list."""
+
+    path: str = Field(min_length=1)  # a local file or folder, or a Hub dataset id
+    format: DataFormat | None = None  # None = data.format
+    split: str | None = Field(None, min_length=1)  # None = data.split
+    take: int | float | None = None  # rows to use: a count (>= 1) or a fraction (0 < take <= 1); None = all
+
+    @field_validator("take", mode="before")
+    @classmethod
+    def _check_take(cls, value: Any) -> Any:
+        if isinstance(value, str) and looks_like_number(value):
+            value = float(value)  # YAML 1.1 reads `1e3` as a string
+        if value is None or isinstance(value, bool):
+            return value  # a bool is refused by _no_bool_for_a_number
+        if isinstance(value, float) and value.is_integer() and value > 1:
+            value = int(value)
+        if (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1):
+            return value
+        raise PydanticCustomError(
+            "take", "must be a row count such as 500, or a fraction of the source's rows such as 0.25"
+        )
+
+
+# data.path: one path, or a list of sources (each a path, or a DataSource mapping). The discriminator picks the
+# member by the value's type, so an error is reported for that member only, not once per member.
+_ONE_PATH, _SOURCES = "one path", "sources"
+UNION_TAGS = (_ONE_PATH, _SOURCES)  # names pydantic puts in error locations; validation.py leaves them out
+DataPath = Annotated[
+    Union[Annotated[str, Tag(_ONE_PATH)], Annotated[list[DataSource], Tag(_SOURCES)]],
+    Discriminator(lambda value: _SOURCES if isinstance(value, list) else _ONE_PATH),
+]
+
+
 class DataSection(_Section):
-    path: str = Field(min_length=1)  # a local .jsonl/.json/.txt file or folder, or a Hub dataset id
+    # a local .jsonl/.json/.txt file or folder, or a Hub dataset id; or a list of sources mixed into one set
+    path: DataPath
     split: str = Field("train", min_length=1)  # split to read when path is a Hub dataset
     format: DataFormat = "auto"  # auto = guess from the fields of the first record
     max_length: int = Field(1024, ge=8)  # tokens per example; longer ones are truncated
@@ -164,6 +201,42 @@ class DataSection(_Section):
     val_size: int | float = 0  # fraction in [0, 1) or a count >= 1 of examples held out of path; 0 = none
     val_path: str | None = None  # a separate validation file, instead of val_size
     packing: bool = False  # concatenate examples into max_length blocks
+    # auto = the model's own; chatml, llama3; Jinja text; or the path of a .jinja file. Written into the adapter.
+    chat_template: str = Field("auto", min_length=1)
+    system_prompt: str | None = None  # the system message of chat rows that have none; lora-generate uses it too
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _sources_as_mappings(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value:
+            raise PydanticCustomError("data_path", "must not be empty")
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise PydanticCustomError("data_path", "must be a path, or a non-empty list of sources")
+        return [{"path": item} if isinstance(item, str) else item for item in value]
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        problem = setting_problem(value)
+        if problem:
+            raise PydanticCustomError("chat_template", problem)
+        return value
+
+    def sources(self) -> list[DataSource]:
+        """Every source with its own format and split filled in (data.format, data.split where it names none)."""
+        entries = [DataSource(path=self.path)] if isinstance(self.path, str) else self.path
+        return [DataSource(path=s.path, format=s.format or self.format, split=s.split or self.split, take=s.take)
+                for s in entries]
+
+    def paths(self) -> list[str]:
+        """The paths of every source, and val_path: what the run reads."""
+        return [s.path for s in self.sources()] + ([self.val_path] if self.val_path else [])
+
+    def describe_path(self) -> str:
+        """data.path in a line: the path, or the sources' paths joined by ' + '."""
+        return " + ".join(s.path for s in self.sources())
 
     @field_validator("val_size", mode="before")
     @classmethod

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from ..errors import UserError
-from .schema import Config, cross_section_problems
+from .schema import UNION_TAGS, Config, cross_section_problems
 
 
 def validate_config(data: dict, source: str = "config") -> Config:
@@ -95,7 +95,7 @@ _REQUIRED_HINTS = {
 
 
 def _describe(error: ErrorDetails) -> str:
-    loc, kind = error["loc"], error["type"]
+    loc, kind = tuple(part for part in error["loc"] if part not in UNION_TAGS), error["type"]
     key = _dotted(loc)
     if kind == "extra_forbidden":
         return f"{key}: unknown key; {_unknown_key_fix(loc)}"
@@ -132,15 +132,31 @@ def _choices_requirement(error: ErrorDetails) -> tuple[str, str]:
 
 
 def _keys_at(parents: tuple) -> list[str]:
-    """Valid keys under a location: the section names at the top, a section's fields inside it."""
+    """Valid keys under a location: the section names at the top, a section's fields inside it, a list entry's
+    fields (data.path's sources) inside the list."""
     model: type[BaseModel] = Config
     for part in parents:
-        model = model.model_fields[part].annotation
+        if not isinstance(part, int):  # a list index: the entry has the list's item type
+            model = _section_in(model.model_fields[part].annotation)
     return list(model.model_fields)
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The section type inside a field's type (itself, or inside a list, union or Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for member in get_args(annotation):
+        found = _section_in(member)
+        if found is not None:
+            return found
+    return None
 
 
 def _unknown_key_fix(loc: tuple) -> str:
     parents, key = loc[:-1], str(loc[-1])
+    if any(isinstance(part, int) for part in parents):  # inside a list entry: only its own keys make sense
+        close = difflib.get_close_matches(key, _keys_at(parents), n=1)
+        return f"did you mean `{close[0]}`?" if close else f"the keys of an entry are {', '.join(_keys_at(parents))}"
     suggestion = _suggest_key(parents, key)
     if suggestion is None:
         where = f"keys under `{'.'.join(parents)}:`" if parents else "top-level sections"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_cli.errors import UserError
 
@@ -27,7 +27,7 @@ class Example:
 
 @dataclass
 class DataStats:
-    format: str  # the resolved format: text, alpaca or chat
+    format: str  # the resolved format (text, alpaca, chat, prompt_completion); mixed sources: joined by "+"
     num_train: int
     num_val: int
     train_tokens: int  # total tokens in the train examples
@@ -41,6 +41,7 @@ class DataStats:
     max_example_length: int = 0  # the longest train example, in tokens
     num_rows: int = 0  # rows loaded (train + val) before dropping
     max_length: int = 0
+    sources: list = field(default_factory=list)  # mixing.SourceStats of each data.path source, in order
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Formats: each row is rendered to the exact text the model sees plus the character spans whose tokens are trained.
 
-text (the whole text trained), alpaca (the response trained) and chat (the assistant turns trained, rendered with the
-tokenizer's chat template, as lora-generate renders prompts).
+text (the whole text trained), alpaca (the response trained), chat (the assistant turns trained, rendered with the
+tokenizer's chat template, as lora-generate renders prompts) and prompt_completion (TRL's: the completion trained;
+a prompt given as chat messages is rendered with the chat template, the completion as the assistant's turn(s)).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from lora_cli.errors import UserError
 
 from .examples import RowError
 
-FORMATS = ("text", "alpaca", "chat")
+FORMATS = ("text", "alpaca", "chat", "prompt_completion")
 
 # The field sets of each format, for the message when none matches (detect_format checks them in this order).
 FORMAT_FIELDS = {
     "chat": ("messages", "or", "conversations"),
+    "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output", "(optional input)"),
     "text": ("text",),
 }
@@ -37,11 +39,13 @@ ALPACA_PROMPT_WITH_INPUT = (
 
 
 def detect_format(rows: list[dict], source: str) -> str:
-    """Guess the format from the first row's fields: messages/conversations -> chat; instruction+output -> alpaca;
-    text -> text."""
+    """Guess the format from the first row's fields: messages/conversations -> chat; prompt+completion ->
+    prompt_completion; instruction+output -> alpaca; text -> text."""
     fields = set(rows[0]) if rows else set()
     if "messages" in fields or "conversations" in fields:
         return "chat"
+    if {"prompt", "completion"} <= fields:
+        return "prompt_completion"
     if {"instruction", "output"} <= fields:
         return "alpaca"
     if "text" in fields:
@@ -55,7 +59,7 @@ def detect_format(rows: list[dict], source: str) -> str:
     )
 
 
-_KNOWN_FIELDS = ("messages", "conversations", "instruction", "input", "output", "text")
+_KNOWN_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text")
 
 
 def _did_you_mean(fields) -> str:
@@ -89,7 +93,8 @@ NO_REPLY = "no assistant reply"
 EMPTY_RESPONSE = "empty response"
 
 
-def _render(row: dict, fmt: str, tokenizer, train_on_inputs: bool) -> _Rendered:
+def _render(row: dict, fmt: str, tokenizer, train_on_inputs: bool, system_prompt: str | None = None) -> _Rendered:
+    """`system_prompt`: the system message of chat rows (and chat prompt/completion rows) that have none."""
     if fmt == "text":
         text = _string_field(row, "text")
         return _Rendered(text, [(0, len(text))], add_special_tokens=True,
@@ -97,7 +102,9 @@ def _render(row: dict, fmt: str, tokenizer, train_on_inputs: bool) -> _Rendered:
     if fmt == "alpaca":
         return _render_alpaca(row, train_on_inputs)
     if fmt == "chat":
-        return _render_chat(row, tokenizer, train_on_inputs)
+        return _render_chat(_with_system(_chat_messages(row), system_prompt), tokenizer, train_on_inputs)
+    if fmt == "prompt_completion":
+        return _render_prompt_completion(row, tokenizer, train_on_inputs, system_prompt)
     raise UserError(f"Unknown data format '{fmt}'. Use one of: auto, {', '.join(FORMATS)}.")
 
 
@@ -124,16 +131,17 @@ def _render_alpaca(row: dict, train_on_inputs: bool) -> _Rendered:
 def _chat_messages(row: dict) -> list[dict]:
     """The row's conversation as [{role, content}], from `messages` or ShareGPT-style `conversations`."""
     if "messages" in row:
-        key, role_key, content_key, role_names = "messages", "role", "content", {r: r for r in CHAT_ROLES}
-    elif "conversations" in row:
-        key, role_key, content_key, role_names = "conversations", "from", "value", SHAREGPT_ROLES
-    else:
-        hint = _did_you_mean(row)
-        raise RowError(
-            f"it has neither a 'messages' nor a 'conversations' field, which every chat row needs (its fields: "
-            f"{sorted(row)}" + (f"; did you mean {hint}?)" if hint else ")")
-        )
-    turns = row.get(key)
+        return _parse_turns(row.get("messages"), "messages", "role", "content", {r: r for r in CHAT_ROLES})
+    if "conversations" in row:
+        return _parse_turns(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    hint = _did_you_mean(row)
+    raise RowError(
+        f"it has neither a 'messages' nor a 'conversations' field, which every chat row needs (its fields: "
+        f"{sorted(row)}" + (f"; did you mean {hint}?)" if hint else ")")
+    )
+
+
+def _parse_turns(turns, key: str, role_key: str, content_key: str, role_names: dict) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise RowError(f"the field '{key}' must be a non-empty list of turns, got {type(turns).__name__}")
     messages = []
@@ -152,6 +160,40 @@ def _chat_messages(row: dict) -> list[dict]:
     return messages
 
 
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """data.system_prompt first, unless the conversation has its own system message."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _render_prompt_completion(row: dict, tokenizer, train_on_inputs: bool, system_prompt: str | None) -> _Rendered:
+    """TRL's prompt/completion rows. Strings: the prompt then the completion, as written (the completion and EOS
+    trained). Chat messages: the prompt's turns then the completion as the assistant's turn(s), rendered with the
+    chat template; only the completion's turns are trained, never an assistant turn inside the prompt."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        text = prompt + completion
+        start = 0 if train_on_inputs else len(prompt)
+        return _Rendered(text, [(start, len(text))], add_special_tokens=True,
+                         untrainable=None if completion.strip() else EMPTY_RESPONSE)
+    if not isinstance(prompt, (str, list)) or not isinstance(completion, (str, list)):
+        raise RowError(
+            "'prompt' and 'completion' must each be a string, or a list of chat messages ({\"role\", \"content\"}); "
+            f"got a {type(prompt).__name__} and a {type(completion).__name__}"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise RowError("its prompt/completion is a list of chat messages, but the tokenizer has no chat template; "
+                       "set data.chat_template (e.g. chatml), or write the prompt and completion as strings")
+    roles = {r: r for r in CHAT_ROLES}
+    prompt_turns = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                    else _parse_turns(prompt, "prompt", "role", "content", roles))
+    completion_turns = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                        else _parse_turns(completion, "completion", "role", "content", roles))
+    messages = _with_system(prompt_turns, system_prompt)
+    return _render_chat(messages + completion_turns, tokenizer, train_on_inputs, first_trained=len(messages))
+
+
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -159,9 +201,9 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
         raise RowError(f"the tokenizer's chat template rejected the conversation: {e}") from None
 
 
-def _render_chat(row: dict, tokenizer, train_on_inputs: bool) -> _Rendered:
-    messages = _chat_messages(row)
-    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+def _render_chat(messages: list[dict], tokenizer, train_on_inputs: bool, first_trained: int = 0) -> _Rendered:
+    """The assistant turns from `first_trained` on are trained (prompt/completion rows: the completion's only)."""
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
     # An empty reply is not trained: it would teach the model to answer with the end-of-turn token alone.
     trained = [i for i in replies if messages[i]["content"].strip()]
     # Turns after the last trained reply teach nothing: drop them so the example ends with a trained turn.

@@ -12,18 +12,21 @@ from lora_cli.errors import UserError
 
 from .examples import IGNORE_INDEX, DataBundle, DataStats, Example, RowError
 from .formats import EMPTY_RESPONSE, FORMATS, NO_REPLY, _render, _Rendered, detect_format
+from .mixing import Source, SourceStats, as_sources, take_rows
 from .sources import _load, _LoadedRows
 
 TOKENIZE_CHUNK = 1000  # rows tokenized per call: fast, but the offsets of 50k long rows at once would use GBs
 
 
-def tokenize_row(row: dict, fmt: str, tokenizer, max_length: int, train_on_inputs: bool) -> tuple[Example, bool]:
+def tokenize_row(row: dict, fmt: str, tokenizer, max_length: int, train_on_inputs: bool,
+                 system_prompt: str | None = None) -> tuple[Example, bool]:
     """Tokenize one row: returns the example and whether it was truncated to max_length.
 
     An example with no trained token (num_trained == 0) is returned as is; build_datasets drops and counts those.
     """
     _check_tokenizer(tokenizer, fmt)
-    return _tokenize_rendered([_render(row, fmt, tokenizer, train_on_inputs)], tokenizer, max_length)[0]
+    rendered = _render(row, fmt, tokenizer, train_on_inputs, system_prompt)
+    return _tokenize_rendered([rendered], tokenizer, max_length)[0]
 
 
 def _check_tokenizer(tokenizer, fmt: str) -> None:
@@ -34,8 +37,9 @@ def _check_tokenizer(tokenizer, fmt: str) -> None:
         )
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "The data is in chat format (messages/conversations) but the tokenizer has no chat template. Use the "
-            "tokenizer of an instruct/chat model that has one, or convert the data to the text or alpaca format."
+            "The data is in chat format (messages/conversations) but the tokenizer has no chat template (a base "
+            "model). Set data.chat_template to chatml or llama3 (or a Jinja template), use the tokenizer of an "
+            "instruct/chat model, or convert the data to the text or alpaca format."
         )
 
 
@@ -126,7 +130,7 @@ def _end_with_trained_eos(r: _Rendered, ids: list[int], labels: list[int], eos_i
 
 
 def build_datasets(
-    path: str,
+    path: str | list[Source],
     tokenizer,
     *,
     split: str = "train",
@@ -136,8 +140,12 @@ def build_datasets(
     val_size: float | int = 0,
     val_path: str | None = None,
     seed: int = 42,
+    system_prompt: str | None = None,
 ) -> DataBundle:
-    """Load, format, tokenize and split the training data; everything the train loop needs, computed once."""
+    """Load, format, tokenize and split the training data; everything the train loop needs, computed once.
+
+    `path`: one path, read with `format` and `split`, or several `Source`s, each read with its own format and
+    mixed into one set (validation is drawn from the mixed set)."""
     if format != "auto" and format not in FORMATS:
         raise UserError(f"Unknown data format '{format}'. Use one of: auto, {', '.join(FORMATS)}.")
     if max_length < 2:
@@ -147,21 +155,27 @@ def build_datasets(
             f"Both val_path ('{val_path}') and val_size ({val_size}) are set. Set only one: val_path to use a "
             f"separate validation file, or val_size to split one off the training data."
         )
-    loaded = _load(path, split)
-    fmt = detect_format(loaded.rows, path) if format == "auto" else format
-    _check_tokenizer(tokenizer, fmt)
+    sources = as_sources(path, format, split)
+    options = _Options(tokenizer, max_length, train_on_inputs, system_prompt)
     counts = _Counts()
-    examples = _tokenize_all(loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
+    examples, per_source, num_rows = [], [], 0
+    for index, source in enumerate(sources):
+        got, stats = _build_source(source, index, seed, options, counts, several=len(sources) > 1)
+        examples += got
+        per_source.append(stats)
+        num_rows += stats.rows
+    fmt = "+".join(dict.fromkeys(s.format for s in per_source))
     if not examples:
-        raise UserError(_nothing_left_message(path, len(loaded.rows), counts, fmt, max_length))
+        where = f"'{sources[0].path}'"  # (with several sources, each one's examples were checked above)
+        raise UserError(_nothing_left_message(where, num_rows, counts, fmt, max_length))
     if val_path:
         val_loaded = _load(val_path, split="validation")
-        val = _tokenize_all(val_loaded, fmt, tokenizer, max_length, train_on_inputs, counts)
+        val_fmt = format if format != "auto" else detect_format(val_loaded.rows, val_path)
+        val = _tokenize_all(val_loaded, val_fmt, options, counts)
         train = examples
-        num_rows = len(loaded.rows) + len(val_loaded.rows)
+        num_rows += len(val_loaded.rows)
     else:
-        train, val = _split_off_validation(examples, val_size, seed, path)
-        num_rows = len(loaded.rows)
+        train, val = _split_off_validation(examples, val_size, seed, _name(sources))
     stats = DataStats(
         format=fmt,
         num_train=len(train),
@@ -175,8 +189,45 @@ def build_datasets(
         max_example_length=max(len(e) for e in train),
         num_rows=num_rows,
         max_length=max_length,
+        sources=per_source,
     )
     return DataBundle(train, val, stats)
+
+
+@dataclass
+class _Options:
+    """How every row is rendered and tokenized, whatever its source."""
+
+    tokenizer: object
+    max_length: int
+    train_on_inputs: bool
+    system_prompt: str | None
+
+
+def _build_source(source: Source, index: int, seed: int, options: _Options, counts: _Counts,
+                  several: bool) -> tuple[list[Example], SourceStats]:
+    """One source's examples, read with its own format; `several`: row errors name the source."""
+    loaded = _load(source.path, source.split)
+    available = len(loaded.rows)
+    loaded = take_rows(loaded, source, seed, index)
+    fmt = detect_format(loaded.rows, source.path) if source.format == "auto" else source.format
+    _check_tokenizer(options.tokenizer, fmt)
+    own = _Counts()
+    try:
+        examples = _tokenize_all(loaded, fmt, options, own)
+    except UserError as err:
+        raise UserError(f"data.path[{index}]: {err}" if several else str(err)) from None
+    if not examples and several:  # one source with nothing to train is surely a mistake, even if others have
+        raise UserError(_nothing_left_message(f"data.path[{index}] '{source.path}'", len(loaded.rows), own, fmt,
+                                              options.max_length))
+    counts.add(own)
+    stats = SourceStats(source.path, fmt, len(loaded.rows), available, len(examples),
+                        sum(len(e) for e in examples), sum(e.num_trained for e in examples))
+    return examples, stats
+
+
+def _name(sources: list[Source]) -> str:
+    return f"'{sources[0].path}'" if len(sources) == 1 else f"the {len(sources)} sources of data.path"
 
 
 @dataclass
@@ -190,8 +241,12 @@ class _Counts:
     def dropped(self) -> int:
         return self.no_reply + self.empty + self.cut_off
 
+    def add(self, other: _Counts) -> None:
+        for name in ("truncated", "no_reply", "empty", "cut_off"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
-def _nothing_left_message(path: str, num_rows: int, counts: _Counts, fmt: str, max_length: int) -> str:
+
+def _nothing_left_message(where: str, num_rows: int, counts: _Counts, fmt: str, max_length: int) -> str:
     empty = {"text": "are empty", "alpaca": "have an empty output"}.get(fmt, "have only empty assistant replies")
     reasons, fixes = [], []
     if counts.no_reply:
@@ -205,15 +260,16 @@ def _nothing_left_message(path: str, num_rows: int, counts: _Counts, fmt: str, m
         reasons.append(f"{counts.cut_off} have a prompt that fills data.max_length={max_length}, leaving no "
                        "response token")
         fixes.append("increase data.max_length or shorten the prompts")
-    return (f"No training examples are left from '{path}': of its {num_rows} rows, {', '.join(reasons)}. "
+    return (f"No training examples are left from {where}: of its {num_rows} rows, {', '.join(reasons)}. "
             f"To train, {'; '.join(fixes)}.")
 
 
-def _tokenize_all(loaded: _LoadedRows, fmt, tokenizer, max_length, train_on_inputs, counts: _Counts) -> list[Example]:
+def _tokenize_all(loaded: _LoadedRows, fmt: str, options: _Options, counts: _Counts) -> list[Example]:
+    tokenizer, max_length = options.tokenizer, options.max_length
     examples = []
     for chunk_start in range(0, len(loaded.rows), TOKENIZE_CHUNK):
         chunk = range(chunk_start, min(chunk_start + TOKENIZE_CHUNK, len(loaded.rows)))
-        rendered = [_render_located(loaded, i, fmt, tokenizer, train_on_inputs) for i in chunk]
+        rendered = [_render_located(loaded, i, fmt, options) for i in chunk]
         for row_index, (example, truncated) in zip(chunk, _tokenize_rendered(rendered, tokenizer, max_length)):
             example.row_index = row_index
             counts.truncated += truncated
@@ -229,9 +285,9 @@ def _tokenize_all(loaded: _LoadedRows, fmt, tokenizer, max_length, train_on_inpu
     return examples
 
 
-def _render_located(loaded: _LoadedRows, i: int, fmt, tokenizer, train_on_inputs) -> _Rendered:
+def _render_located(loaded: _LoadedRows, i: int, fmt: str, options: _Options) -> _Rendered:
     try:
-        return _render(loaded.rows[i], fmt, tokenizer, train_on_inputs)
+        return _render(loaded.rows[i], fmt, options.tokenizer, options.train_on_inputs, options.system_prompt)
     except RowError as e:
         raise UserError(f"Data {loaded.locations[i]} ({fmt} format): {e}. Fix that row, or remove it.") from None
 
@@ -250,7 +306,7 @@ def _split_off_validation(
     count = max(1, round(len(examples) * val_size)) if val_size < 1 else int(val_size)
     if count >= len(examples):
         raise UserError(
-            f"val_size={val_size} asks for {count} validation examples but '{path}' has only {len(examples)} "
+            f"val_size={val_size} asks for {count} validation examples but {path} has only {len(examples)} "
             f"usable examples, leaving none for training. Use a smaller val_size, or a separate val_path."
         )
     val_indices = set(random.Random(seed).sample(range(len(examples)), count))

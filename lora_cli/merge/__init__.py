@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapter_config import read_adapter_config
+from ..chat_templates import use_folder_template
 from ..errors import ModelNotFound, UserError
 from ..fsutil import atomic_dir, follow_link
 from ..inject import lora_layers, merge_lora
@@ -215,6 +216,7 @@ def _merge(result: MergeResult, source: ModelSource, adapter_dir: Path, adapter_
     if not verify_logits:
         with _named_by_adapter_hint(source, adapter_dir, named_by_adapter):  # a missing base fails here
             tokenizer = load_tokenizer(base, source.revision, source.trust_remote_code)
+        use_folder_template(tokenizer, adapter_dir)  # the merged folder renders prompts as training did
         plan = plan_streaming(source, adapter_dir, target_dtype, shard_bytes)
         if isinstance(plan, StreamPlan):
             return _merge_streaming(plan, tokenizer, result, adapter_config, overwrite, log)

@@ -67,7 +67,7 @@ def save_checkpoint(run: Run) -> Path | None:
         with atomic_dir(final, overwrite=True) as tmp:
             save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state)
             save_resume_state(tmp, run, rng_states)
-            title = title_for(run.cfg.model.name_or_path, run.cfg.data.path, run.state.run_name)
+            title = title_for(run.cfg.model.name_or_path, run.cfg.data.describe_path(), run.state.run_name)
             write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
     except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
         if is_disk_full(err, run.out):

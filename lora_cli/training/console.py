@@ -63,6 +63,8 @@ def print_data_summary(bundle) -> None:
         f"of which {s.trained_tokens:,} trained; longest {s.max_example_length} tokens, {s.num_truncated} truncated "
         f"to data.max_length={s.max_length}"
     )
+    for line in data_lib.source_lines(s.sources):
+        console.print(line, markup=False, highlight=False)
     if s.num_truncated:
         console.print(f"[yellow]{s.num_truncated} examples were longer than data.max_length and were truncated.")
     empty, cut = s.num_without_response, s.num_dropped - s.num_without_response

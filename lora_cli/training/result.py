@@ -83,7 +83,7 @@ def _write_result(run: Run, folder: Path, rng_states: list | None, last: dict | 
     atomic_write_text(folder / METRICS_NAME, to_jsonl(state.log_history))
     if state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(state.samples))
-    title = title_for(cfg.model.name_or_path, cfg.data.path, state.run_name)
+    title = title_for(cfg.model.name_or_path, cfg.data.describe_path(), state.run_name)
     write_loss_plot(state.log_history, folder / PLOT_NAME, title, warn=run.say)
 
 

@@ -51,7 +51,7 @@ def prepare(cfg: Config, out: Path, dry_run: bool, main: bool, say: Callable[...
             wait_for_everyone: Callable[[], None], cleanup: contextlib.ExitStack) -> StartPlan:
     """Check output_dir (before anything slow loads), lock it, clean up after killed runs, decide where to start.
     A dry run writes nothing and refuses nothing: it says what a real run would do."""
-    data_paths = [cfg.data.path] + ([cfg.data.val_path] if cfg.data.val_path else [])
+    data_paths = cfg.data.paths()
     log = lambda message: say(message, markup=False)  # noqa: E731
     try:
         outdir.check_location(out, cfg.model.name_or_path, data_paths)
@@ -214,7 +214,16 @@ def flat_config(cfg: Config) -> dict:
 
 def _differences(saved: dict, now: dict) -> list[str]:
     keys = sorted((set(saved) | set(now)) - MAY_CHANGE)
+    # A key newer than the checkpoint is absent from its config: the run had its default.
+    saved = {**{k: _default(k) for k in keys if k not in saved}, **saved}
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _default(key: str):
+    section, _, name = key.partition(".")
+    section_field = Config.model_fields.get(section)
+    field = section_field.annotation.model_fields.get(name) if section_field is not None else None
+    return None if field is None or field.is_required() else field.get_default(call_default_factory=True)
 
 
 def check_compatible(checkpoint: CheckpointInfo, cfg: Config) -> None:

@@ -60,9 +60,11 @@ def answer_prompts(run: Run) -> None:
 def _answer(run: Run, prompt: str) -> str:
     from ..generate import generate_text
 
+    # data.system_prompt goes into chat conversations only: without a template the prompt stays the bare text
+    system = run.cfg.data.system_prompt if getattr(run.tokenizer, "chat_template", None) else None
     with run.accelerator.autocast():  # the precision the model trains and evaluates in
         return generate_text(run.model, run.tokenizer, prompt, max_new_tokens=run.cfg.train.eval_max_new_tokens,
-                             temperature=0.0, chat_template=True)
+                             temperature=0.0, chat_template=True, system=system)
 
 
 @contextlib.contextmanager
