@@ -28,11 +28,11 @@ from .inject import (
     pattern_value,
     resolve_target_paths,
 )
+from .precision import dtype_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-_LORA_KEYS = ("lora_A.weight", "lora_B.weight")
+KEY_PREFIX = "base_model.model."  # PEFT's tensor names: the model's own module paths under this prefix
 _DORA_KEY = "lora_magnitude_vector"
 _MAX_LISTED = 10  # tensor names quoted in one error message
 
@@ -83,7 +83,7 @@ def save_adapter(
 ) -> Path:
     """Write the adapter files into `out_dir`, each atomically (temp name, then rename)."""
     out_dir = Path(out_dir)
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
+    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
     if not tensors:
         raise UserError("The model has no LoRA layers to save.")
     config = adapter_config_dict(model, settings, target_modules, base_model_name_or_path, revision)
@@ -130,7 +130,7 @@ def _check_tensor_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
         shown = ", ".join(names[:_MAX_LISTED])
         return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
-    not_float = [f"{key} ({str(tensor.dtype).removeprefix('torch.')})" for key, tensor in tensors.items()
+    not_float = [f"{key} ({dtype_name(tensor.dtype)})" for key, tensor in tensors.items()
                  if tensor.dtype not in _LORA_DTYPES]
     if not_float:
         raise UserError(
@@ -156,10 +156,10 @@ def _expected_shapes(model: nn.Module, paths: list[str], use_dora: bool, ranks: 
         # nn.Linear's features, not its weight's shape: a 4-bit (QLoRA) weight is packed, two values per byte.
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if not isinstance(module, nn.Linear) \
             else (module.out_features, module.in_features)
-        shapes[f"{PREFIX}{path}.lora_A.weight"] = (ranks[path], in_f)
-        shapes[f"{PREFIX}{path}.lora_B.weight"] = (out_f, ranks[path])
+        shapes[f"{KEY_PREFIX}{path}.lora_A.weight"] = (ranks[path], in_f)
+        shapes[f"{KEY_PREFIX}{path}.lora_B.weight"] = (out_f, ranks[path])
         if use_dora:
-            shapes[f"{PREFIX}{path}.{_DORA_KEY}"] = (out_f,)
+            shapes[f"{KEY_PREFIX}{path}.{_DORA_KEY}"] = (out_f,)
     return shapes
 
 
@@ -202,8 +202,8 @@ def base_layer_copies(model: nn.Module, tensors: dict[str, torch.Tensor], paths:
     meta-device model (the streamed merge) the values are compared as each weight is read (merge/stream.py)."""
     copies, targeted = set(), set(paths)
     for key, tensor in tensors.items():
-        path, _, param = key[len(PREFIX):].rpartition(BASE_LAYER)
-        if not key.startswith(PREFIX) or path not in targeted or param != "weight":
+        path, _, param = key[len(KEY_PREFIX):].rpartition(BASE_LAYER)
+        if not key.startswith(KEY_PREFIX) or path not in targeted or param != "weight":
             continue
         base = getattr(model.get_submodule(path), param, None)
         if not isinstance(base, torch.Tensor) or tuple(base.shape) != tuple(tensor.shape):
@@ -272,14 +272,15 @@ def load_adapter(
         if key not in expected and key not in copies:
             problems.append(f"unexpected {key} (shape {list(tensors[key].shape)}): no such LoRA module in this base")
     if problems:
-        listing = "\n  - ".join(problems[:20]) + (f"\n  - ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        more = f"\n  - ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        listing = "\n  - ".join(problems[:20]) + more
         raise UserError(
             f"The adapter {where} does not match this base model ({len(problems)} problems):\n  - {listing}\n"
             f"Check that the base model is the one the adapter was trained on (adapter_config.json says "
             f"{config.base_model_name_or_path!r})."
         )
     report = apply_lora(model, settings, paths=paths)
-    state = {key[len(PREFIX):]: tensor for key, tensor in tensors.items() if key not in copies}
+    state = {key[len(KEY_PREFIX):]: tensor for key, tensor in tensors.items() if key not in copies}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:

@@ -23,7 +23,6 @@ class AdapterConfig:
     raw: dict
 
 
-
 def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / CONFIG_NAME

@@ -6,8 +6,8 @@ reaches the same commands.
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import json
 import os
 import shlex
 import sys
@@ -74,6 +74,10 @@ def train_command(
         None, help="Dotted overrides, YAML-typed: train.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load model and data, print what would be trained, stop."),
+    prepare: bool = typer.Option(
+        False, "--prepare", help="Only tokenize the data into its cache (data.cache_dir) and print the data summary: "
+        "later runs start without tokenizing. Loads no model; runs on a CPU."
+    ),
     estimate: bool = typer.Option(
         False, "--estimate", help="Estimate the GPU memory a training step needs (reads only config.json), then stop."
     ),
@@ -91,11 +95,13 @@ def train_command(
     """Fine-tune a causal LM with LoRA and write a PEFT-format adapter folder."""
     if plot is not None:
         _plot(plot, config, overrides, [flag for flag, given in (("--dry-run", dry_run), ("--estimate", estimate),
-                                                                  ("--json", json_output), ("--gpu", gpu)) if given])
+                                                                  ("--json", json_output), ("--gpu", gpu),
+                                                                  ("--prepare", prepare)) if given])
         return
     if config is None:
         raise UserError("Missing the config file: lora-train CONFIG.yaml [key=value ...] (see configs/ for examples), "
                         "or lora-train --plot OUTPUT_DIR to draw the loss curves of a run.")
+    from . import api
     from .config import load_config
     from .errors import TrainingStopped
 
@@ -103,16 +109,24 @@ def train_command(
     if estimate and dry_run:
         raise UserError("Choose one of --estimate (memory only, from config.json; loads nothing) or --dry-run (loads "
                         "the model and data, and prints the estimate too).")
+    if prepare and (estimate or dry_run or gpu is not None or json_output):
+        raise UserError("--prepare only tokenizes the data into its cache; run it alone (lora-train config.yaml "
+                        "--prepare), then --dry-run or --estimate separately.")
+    if prepare:
+        from .train import prepare_data
+
+        prepare_data(cfg)
+        return
     if estimate:  # before anything loads a model or data
-        _print_estimate(cfg, gpu, json_output)
+        result = api.estimate(cfg, gpu=gpu)
+        if json_output:
+            print(json.dumps(result.to_json()), flush=True)
         return
     if json_output or (gpu is not None and not dry_run):
         raise UserError("--json goes with --estimate, --gpu with --estimate or --dry-run, e.g. lora-train config.yaml "
                         "--estimate --gpu t4 --json")
-    from .train import train
-
     try:
-        train(cfg, dry_run=dry_run, gpu=gpu)
+        api.train(cfg, dry_run=dry_run, gpu=gpu)
     except TrainingStopped as stopped:
         if not stopped.main:  # under torchrun every process stops; the main one says how to continue
             raise typer.Exit(128 + stopped.signum) from None
@@ -163,17 +177,6 @@ def _launcher_argv() -> Optional[List[str]]:
     return argv or None
 
 
-def _print_estimate(cfg, gpu: Optional[str], json_output: bool) -> None:
-    import json
-
-    from .estimate import estimate_for_config, format_estimate
-
-    result = estimate_for_config(cfg, gpu)
-    print(format_estimate(result), flush=True)
-    if json_output:
-        print(json.dumps(result.to_json()), flush=True)
-
-
 # --- lora-merge ----------------------------------------------------------------------------------------------
 
 
@@ -205,15 +208,12 @@ def merge_command(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Merge a LoRA adapter into its base model and write a plain transformers model folder."""
-    from .merge import merge_adapter
+    from . import api
 
-    console = Console(highlight=False, soft_wrap=True)
-    result = merge_adapter(
-        adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, verify_logits=verify_logits,
-        overwrite=overwrite, revision=revision, trust_remote_code=trust_remote_code,
-        log=lambda message: console.print(message, markup=False),
-    )
-    console.print(Text(f"merged model saved to {result.output_dir}", style="green"))
+    result = api.merge(adapter_dir, output_dir, base=base, dtype=dtype, max_shard_size=max_shard_size,
+                       verify_logits=verify_logits, overwrite=overwrite, revision=revision,
+                       trust_remote_code=trust_remote_code)
+    Console(highlight=False, soft_wrap=True).print(Text(f"merged model saved to {result.output_dir}", style="green"))
 
 
 # --- lora-generate -------------------------------------------------------------------------------------------
@@ -249,41 +249,20 @@ def generate_command(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Generate text with a model, optionally with a LoRA adapter."""
-    from . import generate as gen
-    from . import generate_io
-    from .chat_templates import trained_system_prompt
+    from . import api
+    from .generate_io import write_record
 
-    modes = [name for name, given in (("--prompt", prompt is not None), ("--prompt-file", prompt_file is not None),
-                                      ("--chat", chat)) if given]
-    if len(modes) != 1:
-        raise UserError(
-            f"Choose exactly one of --prompt TEXT, --prompt-file FILE or --chat (got {' and '.join(modes) or 'none'})."
-        )
-    options = gen.sampling_options(
-        gen.SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
-        chat_template=not no_chat_template,
+    # --prompt streams its answer; --prompt-file streams the answers when they go to --output, and otherwise prints
+    # one JSON line per answer to stdout as it ends
+    jsonl_to_stdout = prompt_file is not None and output is None
+    print_record = (lambda asked, answer: write_record(sys.stdout, asked, answer)) if jsonl_to_stdout else None
+    api.generate(
+        model, prompt, prompt_file=prompt_file, chat=sys.stdin if chat else None, adapter=adapter, merge=merge,
+        load_in_4bit=load_in_4bit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed, chat_template=not no_chat_template, system=system,
+        output=output, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+        stream=not jsonl_to_stdout, on_answer=print_record,
     )
-    prompts = generate_io.read_prompt_file(prompt_file) if prompt_file is not None else None
-    generate_io.check_prompt(prompt)
-    generate_io.check_output_file(output, prompt_file)
-    gen.generation_dtype(dtype, "cpu")  # only to validate --dtype before the (slow) model load
-    status = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    lm, tokenizer = gen.load_for_generation(model, adapter, merge, dtype=dtype, revision=revision,
-                                            trust_remote_code=trust_remote_code, log=status, load_in_4bit=load_in_4bit)
-    with_template = not no_chat_template and getattr(tokenizer, "chat_template", None)
-    if system is None and with_template and (system := trained_system_prompt(adapter)) is not None:
-        status(f"system prompt: the one {adapter} was trained with (data.system_prompt); --system replaces it")
-    with generate_io.open_output(output) if output is not None else contextlib.nullcontext() as out_file:
-        record = (lambda p, r: generate_io.write_record(out_file, p, r)) if out_file is not None else None
-        if chat:
-            gen.chat_session(lm, tokenizer, sys.stdin, system=system, on_turn=record, **options)
-        elif prompt_file is not None:  # JSONL to --output (answers stream to stdout), or JSONL alone to stdout
-            gen.run_prompts(lm, tokenizer, prompts, out_file or sys.stdout, stream=out_file is not None,
-                            system=system, **options)
-        else:
-            response = gen.generate_text(lm, tokenizer, prompt, stream=True, system=system, **options)
-            if record is not None:
-                record(prompt, response)
 
 
 # --- wiring --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from .errors import UserError
 from .inject import lora_settings
 from .losses import chunk_rows
 from .memory_model import GiB, MiB, ModelFacts, StepShape, model_facts, step_parts
-from .models import base_dtype, build_meta_model, check_source, choose_precision, nonpositive_sizes
+from .models import build_meta_model, check_source, nonpositive_sizes
+from .precision import base_dtype, choose_precision, dtype_name
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
     shape = StepShape(
         micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, packing=cfg.data.packing,
         checkpointing=cfg.train.gradient_checkpointing, weight_bytes=weights.itemsize,
-        compute_bytes=2 if half else 4, load_in_4bit=bool(getattr(cfg.model, "load_in_4bit", False)),
+        compute_bytes=2 if half else 4, load_in_4bit=cfg.model.load_in_4bit,
         padded=padded,
     )
     if facts.model_type not in _MEASURED_FAMILIES:
@@ -206,7 +207,7 @@ def estimate_for_config(cfg: Config, gpu: GpuSpec | str | None = None, data=None
                      "approximation")
     if facts.use_dora:
         notes.append("DoRA's extra activations are approximated, not measured")
-    estimate = Estimate(cfg.model.name_or_path, spec, precision.precision, str(weights).split(".")[1], facts, shape,
+    estimate = Estimate(cfg.model.name_or_path, spec, precision.precision, dtype_name(weights), facts, shape,
                         step_parts(facts, shape), notes)
     if not estimate.fits:
         estimate.suggestions = suggestions(facts, shape, spec, cfg)
@@ -231,7 +232,9 @@ def _sequence_length(cfg: Config, data, tokenize: bool, notes: list[str]) -> tup
         notes.append(f"sequence length: data.max_length={max_length} (the longest example is not known without "
                      "tokenizing the data)")
         return max_length, True
-    lengths = [len(example) for example in data.train]
+    from .data import lengths_of
+
+    lengths = lengths_of(data.train)
     longest = min(max(lengths), max_length)
     padded = sum(n >= longest for n in lengths) < cfg.train.micro_batch_size
     notes.append(f"sequence length: the longest example, {longest} tokens (data.max_length={max_length})"

@@ -310,6 +310,7 @@ def is_disk_full(err: BaseException, folder: Path | None = None) -> bool:
 
 
 def free_bytes(folder: Path) -> int | None:
+    """Free space on the disk that holds `folder` (or would: its nearest existing ancestor); None if unknown."""
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             with contextlib.suppress(OSError):
@@ -318,14 +319,15 @@ def free_bytes(folder: Path) -> int | None:
     return None
 
 
-def megabytes(n: int | float) -> str:
-    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+def size_text(n: int | float) -> str:
+    """A size for a message: GB from 10^9 bytes, else MB, two decimals (the units disks are sold in)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def disk_full_message(what: str, folder: Path, needed: int | None) -> str:
     free = free_bytes(folder)
-    need = f" It needs about {megabytes(needed)} free" if needed else " Free some space"
-    have = f"; {megabytes(free)} are free there now" if free is not None else ""
+    need = f" It needs about {size_text(needed)} free" if needed else " Free some space"
+    have = f"; {size_text(free)} are free there now" if free is not None else ""
     return f"Writing {what} to {folder} failed: the disk is full.{need}{have}. Free space or choose another folder."
 
 

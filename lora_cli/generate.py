@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
@@ -17,8 +17,8 @@ import torch
 
 from .errors import UserError
 from .generate_io import write_record
-from .loading import ModelSource, load_model
-from .models import DTYPES, base_dtype, choose_precision, model_device
+from .models import ModelSource, load_model
+from .precision import DTYPES, base_dtype, choose_precision, model_device
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -193,26 +193,26 @@ def generate_text(
     model,
     tokenizer,
     prompt: str | list[dict],
+    sampling: SamplingSettings | None = None,
     *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
     chat_template: bool = True,
     system: str | None = None,
     stream: bool = False,
+    **sampling_fields,
 ) -> str:
     """Generate an answer to `prompt` (a string, or a list of {"role", "content"} messages) and return it.
 
+    How tokens are chosen: `sampling`, validated once by the caller (lora-generate, for every prompt), or the
+    SamplingSettings fields as keywords (`temperature=0, max_new_tokens=48`; the rest keep their defaults).
     temperature 0 is greedy decoding. Generation stops at eos (the tokenizer's and the generation config's) or
     after max_new_tokens. With `stream`, the answer is printed to stdout as it is generated. Non-finite next-token
     scores (an fp16 overflow, a corrupt adapter) stop it with a UserError that says which and what to do.
     """
     from transformers import LogitsProcessorList, TextStreamer
 
-    settings = SamplingSettings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed).validate()
+    if sampling is not None and sampling_fields:
+        raise TypeError("generate_text takes `sampling` or its fields as keywords, not both")
+    settings = sampling if sampling is not None else SamplingSettings(**sampling_fields).validate()
     text, add_special_tokens = render_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
     if encoded["input_ids"].shape[1] == 0:  # an empty prompt, no chat template and no bos: nothing to start from
@@ -252,7 +252,8 @@ def generate_text(
 def run_prompts(
     model, tokenizer, prompts: Iterable[str], out: TextIO, *, stream: bool = False, **options
 ) -> list[dict]:
-    """Answer each prompt on its own; write one JSON line {"prompt", "response"} per answer to `out` as it ends."""
+    """Answer each prompt on its own; write one JSON line {"prompt", "response"} per answer to `out` as it ends.
+    `options`: generate_text's keywords."""
     records = []
     for prompt in prompts:
         response = generate_text(model, tokenizer, prompt, stream=stream, **options)
@@ -306,5 +307,5 @@ def chat_session(
 
 
 def sampling_options(settings: SamplingSettings, chat_template: bool = True) -> dict:
-    """Keyword arguments for generate_text."""
-    return {**asdict(settings.validate()), "chat_template": chat_template}
+    """Keyword arguments for generate_text: the settings validated once, for every prompt of the session."""
+    return {"sampling": settings.validate(), "chat_template": chat_template}

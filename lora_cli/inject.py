@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .config.schema import ALL_LINEAR
 from .errors import UserError
 from .lora import LoraLinear, is_lora_target_type
 
@@ -25,7 +26,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
 }
-ALL_LINEAR = "all-linear"
 
 # Used to find attention projections by structure on an architecture not in the table.
 _ATTENTION_CONTAINER = re.compile(r"(attn|attention)", re.IGNORECASE)
@@ -299,7 +299,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
         layer.merge()
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, layer.unwrap())
-        # The layer has left the model, so nothing can unmerge it: drop DoRA's kept copy of the original weight
-        # now, or `layers` keeps every copy alive until the loop ends (a second copy of all targeted weights).
-        layer._original_weight = None
     return model

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config.schema import INIT_CHOICES
 from .errors import UserError
 
 try:  # transformers' GPT-2 style linear layer: weight (in, out), "fan-in fan-out"
@@ -27,7 +28,6 @@ except ImportError:  # pragma: no cover - transformers always ships it
     Conv1D = ()
 
 LORA_DTYPE = torch.float32  # trainable params stay fp32 even on an fp16 base: fp16 AMP cannot unscale fp16 grads
-INIT_CHOICES = ("default", "gaussian")
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
@@ -141,7 +141,7 @@ class LoraLinear(nn.Module):
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         """W in (out, in) orientation whatever the base layer stores."""
-        return weight.t() if getattr(self, "fan_in_fan_out", False) else weight
+        return weight.t() if self.fan_in_fan_out else weight
 
     def _lora_delta(self) -> torch.Tensor:
         """scaling * B A in fp32, shape (out, in)."""
@@ -250,9 +250,15 @@ class LoraLinear(nn.Module):
         if self.merged:
             return
         new_weight = self.checked_merged_weight()
-        self._original_weight = self.weight.detach().clone() if self.use_dora else None
+        # DoRA's merged rows are (W + s B A) * m / ||W + s B A||: keep that per-row factor (one value per output
+        # row, as PEFT caches the norm) so unmerge can divide it out, instead of a copy of the whole weight
+        self._dora_factor = self._dora_scale() if self.use_dora else None
         self.weight.data.copy_(new_weight)
         self.merged = True
+
+    def _dora_scale(self) -> torch.Tensor:
+        """m / ||W + s B A|| per output row, in fp32."""
+        return self.lora_magnitude_vector.detach().float() / self._weight_norm(self._lora_delta())
 
     @torch.no_grad()
     def checked_merged_weight(self) -> torch.Tensor:
@@ -272,13 +278,13 @@ class LoraLinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self.use_dora:  # DoRA's rescaling is not a plain subtraction: restore the kept original
-            self.weight.data.copy_(self._original_weight)
-            self._original_weight = None
-        else:
-            restored = self._oriented(self._oriented(self.weight).float() - self._lora_delta()).to(self.weight.dtype)
-            self._check_finite(restored)
-            self.weight.data.copy_(restored)
+        merged = self._oriented(self.weight).float()
+        if self.use_dora:  # DoRA scaled each row after adding the update: undo the scaling first
+            merged = merged / self._dora_factor.unsqueeze(1)
+            self._dora_factor = None
+        restored = self._oriented(merged - self._lora_delta()).to(self.weight.dtype)
+        self._check_finite(restored)
+        self.weight.data.copy_(restored)
         self.merged = False
 
     def _check_finite(self, weight: torch.Tensor) -> None:

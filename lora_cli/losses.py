@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .data.examples import IGNORE_INDEX
+
 # What of a batch the decoder takes (packed_layout: packing.PackedLayout, which lora-cli's attention reads).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "packed_layout")
 # Rows per chunk: 32 MiB of fp32 logits, but never fewer than 256 rows. Measured (docs/BENCHMARKS.md, CPU fp32):
@@ -93,7 +94,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, **batch) -> tuple[torch.Tensor, int]:
+    def forward(self, dropout_seed: int | None = None, **batch) -> tuple[torch.Tensor, int]:
+        if dropout_seed is not None:  # LoRA dropout: this micro batch's masks (training.plan.dropout_seed)
+            torch.manual_seed(dropout_seed)
         return causal_lm_loss(self.model, batch)
 
 

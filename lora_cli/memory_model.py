@@ -19,7 +19,7 @@ import torch
 
 from .inject import LoraSettings, apply_lora, lora_layers
 from .lora import is_lora_target_type
-from .losses import chunk_rows
+from .losses import chunk_rows, uses_plain_head
 
 GiB = 2**30
 MiB = 2**20
@@ -86,7 +86,7 @@ class StepShape:
     seq_len: int  # tokens in the longest row of a micro batch
     packing: bool
     checkpointing: bool
-    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32); with 4-bit, of what stays unquantized
+    weight_bytes: float  # per element of the frozen base weights (2 half, 4 fp32); 4-bit: of what stays unquantized
     compute_bytes: int  # activations: 2 under fp16/bf16 autocast, 4 in fp32
     load_in_4bit: bool = False
     cuda: bool = True  # add the CUDA context and allocator slack
@@ -133,7 +133,7 @@ def model_facts(model, settings: LoraSettings) -> ModelFacts:
         lora_roles=frozenset(roles - {"head"}),
         largest_lora_target=max((layer.weight.numel() for layer in wrapped.values()), default=0),
         use_dora=settings.use_dora, head_trainable=head_path in wrapped,
-        plain_head=_plain_head(model), attn_implementation=str(getattr(config, "_attn_implementation", "sdpa")),
+        plain_head=uses_plain_head(model), attn_implementation=str(getattr(config, "_attn_implementation", "sdpa")),
     )
 
 
@@ -169,12 +169,6 @@ def _role(path: str) -> str:
     if _in_attention(path):
         return "attn_out" if leaf in _ATTN_OUT_NAMES else "attn_in"
     return "mlp_out" if leaf in _MLP_DOWN_NAMES else "mlp_in"
-
-
-def _plain_head(model) -> bool:
-    from .losses import uses_plain_head
-
-    return uses_plain_head(model)
 
 
 # --- the parts ---------------------------------------------------------------------------------------------

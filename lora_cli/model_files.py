@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError

@@ -1,7 +1,10 @@
-"""The one place that loads base models and tokenizers, and decides precision and dtype (4-bit loading in
-quantization.py; what is wrong with damaged model files in model_files.py).
+"""The loader: where lora-train, lora-merge, lora-generate and --estimate get base models, tokenizers and
+adapters, so they see the same model the same way (4-bit loading in quantization.py; what is wrong with damaged
+model files in model_files.py; the dtype a model is loaded in is precision.py's).
 
-lora-train, lora-merge and lora-generate all load through here, so they see the same model the same way.
+`load_model` composes tokenizer + base model + optional adapter for lora-merge and lora-generate. Where a model
+comes from (`ModelSource`: name or folder, Hub revision, trust_remote_code) is passed the same way to the
+tokenizer, the config lookup and the weights, so a pinned revision or remote code is never dropped halfway.
 """
 
 from __future__ import annotations
@@ -10,31 +13,19 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 
+from .adapter import load_adapter, read_adapter_tensors
+from .adapter_config import CONFIG_NAME, AdapterConfig, read_adapter_config
+from .chat_templates import use_folder_template
 from .errors import ModelNotFound, UserError
+from .inject import InjectionReport, merge_lora
 from .model_files import damaged_error, damaged_weight_files, unpickling_error
+from .precision import DTYPE_ALIASES, DTYPES, dtype_name
 from .quantization import check_4bit_support, keep_standard_4bit_layout, quantization_kwargs
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Names users and config files write for the same three dtypes.
-DTYPE_ALIASES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = DTYPE_ALIASES.get(str(name).strip().lower())
-    if dtype is None:
-        raise UserError(f"Unknown dtype '{name}'; choose one of {', '.join(DTYPES)}.")
-    return dtype
 
 
 def stored_dtype(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> torch.dtype | None:
@@ -54,128 +45,6 @@ def stored_dtype(name_or_path: str, revision: str | None = None, trust_remote_co
     return None
 
 
-@dataclass
-class PrecisionChoice:
-    precision: str  # fp16 | bf16 | fp32: the compute precision of the training step
-    device: str  # cuda | cpu
-    reason: str  # printed to the user, so the choice is never a surprise
-
-    @property
-    def mixed_precision(self) -> str:
-        """Accelerate's name for it."""
-        return {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[self.precision]
-
-
-def _cuda_capability() -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
-
-
-def choose_precision(requested: str = "auto", capability: tuple[int, int] | None | str = "detect") -> PrecisionChoice:
-    """auto: bf16 on GPUs of compute capability >= 8.0, fp16 below (T4, 2080 Ti), fp32 on CPU.
-
-    Chosen by compute capability, not `torch.cuda.is_bf16_supported()`, which has answered True on a T4.
-    """
-    cap = _cuda_capability() if capability == "detect" else capability
-    if cap is None:
-        if requested == "fp16":
-            raise UserError(
-                "train.precision=fp16 needs a CUDA GPU and none is available; fp16 on a CPU is not supported. "
-                "Use train.precision=fp32 (or auto) on CPU."
-            )
-        if requested == "bf16":
-            return PrecisionChoice("bf16", "cpu", "bf16 autocast on CPU, as requested (slow on most CPUs)")
-        return PrecisionChoice("fp32", "cpu", "no CUDA GPU: fp32 on CPU")
-    name = f"compute capability {cap[0]}.{cap[1]}"
-    if requested == "auto":
-        if cap >= (8, 0):
-            return PrecisionChoice("bf16", "cuda", f"bf16 mixed precision ({name} supports bf16)")
-        return PrecisionChoice("fp16", "cuda", f"fp16 mixed precision ({name} has no bf16)")
-    if requested == "bf16" and cap < (8, 0):
-        raise UserError(
-            f"train.precision=bf16 is not supported on this GPU ({name}; bf16 needs 8.0 or newer, e.g. an A100 or "
-            "RTX 30xx). Use train.precision=fp16 or auto."
-        )
-    return PrecisionChoice(requested, "cuda", f"{requested} as requested ({name})")
-
-
-# Model families reported to break in fp16 (NaN/inf from activations beyond fp16's 65504), by model_type:
-# (family, evidence, warn at the start of an fp16 run). Every entry is also named when an fp16 run stops on
-# non-finite losses. Qwen2 is only named then: NaN losses in fp16 SFT were reported, yet Qwen2.5-0.5B trains in fp16
-# in unsloth's T4 test, and a warning on one of the commonest T4 models that usually trains fine would teach users
-# to ignore warnings. Phi-2's attention overflow was fixed upstream (q/k upcast), so it is not listed.
-_GEMMA3 = ("Gemma 3", "its activations exceed the fp16 range (transformers #36822; vLLM refuses fp16 for it)", True)
-_UPCAST_PARTS = "unsloth keeps parts of it in fp32 to train on fp16 GPUs"
-FP16_FRAGILE = {
-    "gemma2": ("Gemma 2", "its attention logit soft-capping overflows in fp16", True),
-    "gemma3": _GEMMA3,
-    "gemma3_text": _GEMMA3,
-    "gemma3n": ("Gemma 3n", _UPCAST_PARTS, True),
-    "gemma3n_text": ("Gemma 3n", _UPCAST_PARTS, True),
-    "qwen3_moe": ("Qwen3-MoE", _UPCAST_PARTS, True),
-    "glm4_moe": ("GLM-4-MoE", _UPCAST_PARTS, True),
-    "gpt_oss": ("gpt-oss", _UPCAST_PARTS, True),
-    "qwen2": ("Qwen2/Qwen2.5", "NaN losses in fp16 fine-tuning were reported (QwenLM/Qwen3 #670)", False),
-}
-
-
-def fp16_risk(model_or_config, precision: PrecisionChoice, at_start: bool = True) -> str | None:
-    """What to tell the user when an fp16 run trains a model family reported to overflow in fp16, else None.
-
-    `at_start`: the warning printed before training (listed families only); False: the sentence added to the
-    non-finite-loss stop message (also families with mixed reports). The precision is never changed silently.
-    """
-    if precision.precision != "fp16":
-        return None
-    config = getattr(model_or_config, "config", model_or_config)
-    text_config = getattr(config, "get_text_config", lambda: None)()
-    types = [getattr(c, "model_type", None) for c in (config, text_config) if c is not None]
-    entry = next((FP16_FRAGILE[t] for t in types if t in FP16_FRAGILE), None)
-    if entry is None or (at_start and not entry[2]):
-        return None
-    family, evidence, _ = entry
-    options = (
-        "train on a GPU with bf16 (compute capability 8.0 or newer, e.g. A100, L4, RTX 30xx/40xx), where "
-        "train.precision=auto picks bf16; or set train.precision=fp32 (several times slower on a T4)"
-    )
-    said = f"{family} models are reported to break in fp16: {evidence}."
-    if not at_start:
-        return f"{said} For this model: {options}."
-    return (
-        f"{said} This run uses {precision.reason}. Options: {options}; or keep fp16 and watch the loss: lora-train "
-        "stops after train.max_nonfinite_steps non-finite steps in a row."
-    )
-
-
-def base_dtype(dtype_setting: str, precision: PrecisionChoice) -> torch.dtype:
-    """The dtype the frozen base weights are loaded in: on a GPU the half type of the mixed precision, else fp32
-    (CPU half-precision matmuls are far slower than fp32 ones, also under bf16 autocast)."""
-    if dtype_setting != "auto":
-        return DTYPES[dtype_setting]
-    return PRECISION_DTYPES[precision.precision] if precision.device == "cuda" else torch.float32
-
-
-def check_4bit_dtype(dtype_setting: str, load_in_4bit: bool, precision: PrecisionChoice) -> None:
-    """A 4-bit base in one half type trained under autocast in the other cannot run, on CPU or CUDA.
-
-    bitsandbytes' Linear4bit returns its input's dtype (model.dtype, through the norms), not autocast's, so e.g.
-    float16 projections meet bf16 autocast in ops autocast promotes (the rotary embedding's torch.cat), and autocast
-    refuses a half type that is not its own ("Unexpected floating ScalarType in at::autocast::prioritize"). A
-    16-bit base is fine: its nn.Linear layers compute in autocast's dtype. float32 parts are fine too.
-    """
-    if not load_in_4bit or dtype_setting not in ("float16", "bfloat16") or precision.precision == "fp32":
-        return
-    half = PRECISION_DTYPES[precision.precision]
-    if DTYPES[dtype_setting] == half:
-        return
-    matching = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[half]
-    raise UserError(
-        f"model.dtype={dtype_setting} with model.load_in_4bit cannot train in train.precision={precision.precision} "
-        f"(on {precision.device.upper()}): the 4-bit layers return {dtype_setting} tensors, which "
-        f"{precision.precision} autocast refuses to mix with its own half type. Set model.dtype=auto (or {matching}, "
-        "or float32 for fp32 norms, embedding and head), or a train.precision that matches model.dtype."
-    )
-
-
 def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
@@ -187,11 +56,11 @@ def check_source(name_or_path: str, what: str = "model.name_or_path") -> None:
             "folder) or a Hub model name."
         )
     if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "adapter_config.json").is_file():  # the most common mix-up: an adapter where its base belongs
+        if (path / CONFIG_NAME).is_file():  # the most common mix-up: an adapter where its base belongs
             hint = ("pass it with --adapter and give the base model here" if what == "MODEL" else
-                    "give the base model it was trained on here (its adapter_config.json names it as "
+                    f"give the base model it was trained on here (its {CONFIG_NAME} names it as "
                     "base_model_name_or_path)")
-            raise UserError(f"{what} '{name_or_path}' is an adapter folder (it holds adapter_config.json), not a base "
+            raise UserError(f"{what} '{name_or_path}' is an adapter folder (it holds {CONFIG_NAME}), not a base "
                             f"model: {hint}.")
         raise UserError(
             f"{what} '{name_or_path}' is a folder without config.json, so not a Hugging Face model folder. Pass the "
@@ -277,7 +146,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         raise _load_error(name_or_path, err, "the tokenizer of") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise UserError(f"The tokenizer of '{name_or_path}' has neither a pad nor an eos token; lora-cli needs one.")
+            raise UserError(
+                f"The tokenizer of '{name_or_path}' has neither a pad nor an eos token; lora-cli needs one."
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -335,13 +206,83 @@ def build_meta_model(hf_config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
-def model_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# --- base + adapter, for lora-merge and lora-generate -----------------------------------------------------------------
 
 
-def base_quantization(load_in_4bit: bool, precision: PrecisionChoice) -> dict:
-    """load_base_model's 4-bit arguments for a training run: compute in the training precision, on its device."""
-    if not load_in_4bit:
-        return {}
-    check_4bit_support()
-    return {"load_in_4bit": True, "compute_dtype": PRECISION_DTYPES[precision.precision], "device": precision.device}
+@dataclass(frozen=True)
+class ModelSource:
+    name_or_path: str
+    revision: str | None = None  # Hub branch, tag or commit; None = the default branch
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: AdapterConfig | None = None
+    report: InjectionReport | None = None  # which modules the adapter wraps
+
+
+def base_source_of_adapter(adapter_dir: str | Path, base: str | None, revision: str | None = None,
+                           trust_remote_code: bool = False) -> ModelSource:
+    """The base an adapter applies to: `base` if given, else the adapter's base_model_name_or_path (and revision)."""
+    config = read_adapter_config(adapter_dir)
+    if base is not None:
+        return ModelSource(base, revision, trust_remote_code)
+    if not config.base_model_name_or_path:
+        raise UserError(
+            f"{Path(adapter_dir) / CONFIG_NAME} does not name its base model (base_model_name_or_path is "
+            "empty); pass the base with --base MODEL."
+        )
+    return ModelSource(config.base_model_name_or_path, revision or config.revision, trust_remote_code)
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    adapter_dir: str | Path | None = None,
+    merge: bool = False,
+    load_in_4bit: bool = False,
+    log: Callable[[str], None] | None = None,
+    what: str = "model.name_or_path",
+) -> LoadedModel:
+    """The tokenizer and the frozen base in `dtype` on `device`, with the adapter's LoRA layers applied (unmerged,
+    or folded into the weights when `merge`). A missing or broken adapter fails before the (slow) model load.
+    `what`: how errors name the model source to the user (lora-generate's argument is MODEL).
+    `load_in_4bit`: the base's linear layers in NF4 4-bit, computing in `dtype` (QLoRA's base; the adapter stays
+    unmerged, since folding it into 4-bit weights would re-round them)."""
+    log = log or (lambda message: None)
+    if merge and adapter_dir is None:
+        raise UserError("--merge merges an adapter into the model in memory; it needs --adapter DIR.")
+    if merge and load_in_4bit:
+        raise UserError(
+            "--merge and --load-in-4bit do not go together: folding the adapter into 4-bit weights would round them "
+            "again and change the model. Drop --merge (the adapter then runs unmerged, with the same output), or "
+            "merge into the unquantized base with lora-merge and generate from that folder."
+        )
+    if load_in_4bit:
+        check_4bit_support("--load-in-4bit")
+    adapter_tensors = None
+    if adapter_dir is not None:
+        read_adapter_config(adapter_dir)
+        adapter_tensors = read_adapter_tensors(adapter_dir)  # refuses damaged or non-finite weights
+    check_source(source.name_or_path, what)
+    tokenizer = load_tokenizer(source.name_or_path, source.revision, source.trust_remote_code)
+    if adapter_dir is not None and use_folder_template(tokenizer, adapter_dir):
+        log(f"chat template: the one {adapter_dir} was trained with (data.chat_template)")
+    where = f"{device or 'cpu'}, {dtype_name(dtype)}" + (", linear layers in 4-bit NF4" if load_in_4bit else "")
+    at_revision = f" at revision {source.revision}" if source.revision else ""
+    log(f"loading {source.name_or_path}{at_revision} ({where})")
+    model = load_base_model(source.name_or_path, dtype, source.revision, source.trust_remote_code, device=device,
+                            load_in_4bit=load_in_4bit)
+    loaded = LoadedModel(model, tokenizer)
+    if adapter_dir is not None:
+        loaded.adapter, loaded.report = load_adapter(model, adapter_dir, adapter_tensors)
+        merged = ", merged in memory" if merge else ""
+        log(f"adapter {adapter_dir}: {len(loaded.report.wrapped)} LoRA modules{merged}")
+        if merge:
+            merge_lora(model)
+    return loaded

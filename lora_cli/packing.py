@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from . import data as data_lib
 from .errors import UserError
 from .losses import MODEL_INPUT_KEYS
+from .precision import dtype_name
 
 PACKED_SDPA = "lora_cli_packed_sdpa"
 TRAIN_SDPA = "lora_cli_sdpa"
@@ -310,7 +311,7 @@ def _non_finite_message(dtype: torch.dtype) -> str:
             "take twice the memory); a T4 has no bf16, so there it is fp32."
         )
     return (
-        f"The model gives non-finite values in {str(dtype).replace('torch.', '')}: {where}, so its weights are "
+        f"The model gives non-finite values in {dtype_name(dtype)}: {where}, so its weights are "
         "probably corrupt or hold inf/NaN. This is not a packing problem; check the model files (training fails the "
         "same way with data.packing=false)."
     )

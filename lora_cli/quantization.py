@@ -8,7 +8,6 @@ import torch
 
 from .errors import UserError
 
-
 BNB_INSTALL_HINT = 'pip install -e ".[qlora]" (in a lora-cli checkout) or pip install "bitsandbytes>=0.46.1"'
 
 

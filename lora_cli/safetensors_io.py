@@ -11,18 +11,19 @@ at most the tensor being written is in memory. The bytes written are those `safe
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-DTYPES = {
+HEADER_DTYPES = {  # the dtype codes of a safetensors header
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-NAMES = {dtype: name for name, dtype in DTYPES.items()}
+HEADER_NAMES = {dtype: name for name, dtype in HEADER_DTYPES.items()}
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
@@ -47,7 +48,7 @@ class SafetensorsFile:
         return list(self.entries)
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self.entries[name]["dtype"]]
+        return HEADER_DTYPES[self.entries[name]["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -93,8 +94,8 @@ def write_streaming(
     offset = 0
     for name in order:
         dtype, shape = entries[name]
-        size = _numel(shape) * _itemsize(dtype)
-        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": HEADER_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to a multiple of 8
@@ -109,14 +110,3 @@ def write_streaming(
             f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
             del tensor
     return 8 + len(text) + offset
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()

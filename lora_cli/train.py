@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,15 +20,15 @@ from .config import Config
 from .errors import TrainingStopped, UserError
 from .inject import apply_lora, lora_settings
 from .losses import CausalLMLoss
-from .models import (
+from .models import load_base_model, load_tokenizer
+from .precision import (
     PrecisionChoice,
     base_dtype,
     base_quantization,
     check_4bit_dtype,
     choose_precision,
+    dtype_name,
     fp16_risk,
-    load_base_model,
-    load_tokenizer,
 )
 from .training import console, outdir, resume, start, trackers
 from .training.loop import fit
@@ -41,16 +42,50 @@ from .training.step import attention_kernels, check_distributed_type
 from .training.summary import print_summary
 
 
-def prepare_model_and_data(cfg: Config, precision: PrecisionChoice):
-    """Load tokenizer, base model (frozen, in the half dtype on GPU) and LoRA layers (fp32), then the data."""
+def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, accelerator):
+    """Load the tokenizer, the data (from the cache, tokenized first if needed: a data error shows before the slow
+    model load), the base model (frozen, in the half dtype on GPU) and LoRA layers (fp32)."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     apply_template_setting(tokenizer, cfg.data.chat_template)  # before the model loads: a bad template fails fast
+    bundle = _load_data_on_main_first(cfg, tokenizer, out, accelerator)
     dtype = base_dtype(cfg.model.dtype, precision)
     model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
                             **base_quantization(cfg.model.load_in_4bit, precision))
     report = apply_lora(model, lora_settings(cfg.lora))
-    bundle = data_lib.build_from_config(cfg, tokenizer)
     return tokenizer, model, report, bundle
+
+
+def _load_data_on_main_first(cfg: Config, tokenizer, out: Path, accelerator):
+    """The main process tokenizes (on a cache miss); the others wait, then open its cache entry. Every process says
+    when it tokenizes (only a writer does), so a second tokenization would show. If the main one fails (a bad row),
+    it still meets the others at the barrier, so they fail with the same message instead of waiting forever."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+        except Exception as err:
+            failure = err
+    accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
+    if not accelerator.is_main_process:
+        bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+    return bundle
+
+
+def prepare_data(cfg: Config) -> None:
+    """lora-train --prepare: tokenize the data into the cache (or find it there), print the summary, nothing else.
+    A later run on any machine that sees the same cache folder starts without tokenizing."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    apply_template_setting(tokenizer, cfg.data.chat_template)
+    out = outdir.resolve_output_dir(cfg.train.output_dir)
+    bundle = data_lib.load_data(cfg, tokenizer, out, say=_plain_printer)
+    console.print_data_summary(bundle)
+    _plain_printer(f"data cache: {bundle.train.folder}")
+
+
+def _plain_printer(message: str) -> None:
+    console.console.print(message, markup=False, highlight=False)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -124,7 +159,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     world = accelerator.num_processes
     say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
-    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision)
+    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision, out, accelerator)
     _describe(cfg, precision, model, report, bundle, say, main)
     if dry_run:
         if main:
@@ -172,7 +207,7 @@ def _total_steps(cfg: Config, bundle, world: int, say) -> int:
 
 
 def _four_bit_line(cfg: Config, precision: PrecisionChoice) -> str:
-    rest = str(base_dtype(cfg.model.dtype, precision)).split(".")[1]
+    rest = dtype_name(base_dtype(cfg.model.dtype, precision))
     return (f"base: linear layers in 4-bit NF4 (double quantization, computing in {precision.precision}); embeddings, "
             f"norms and head in {rest}")
 

@@ -4,7 +4,7 @@ On a T4 (compute capability 7.5) lora-train picks fp16: the base is loaded in fl
 float32, Accelerate runs the forward under `torch.autocast("cuda", dtype=torch.float16)` and scales the loss with a
 `GradScaler`. Accelerate ignores fp16 on a CPU (no autocast, no scaler), so the tests patch, in the test only:
 
-* `lora_cli.models._cuda_capability` -> (7, 5): `choose_precision` then makes the T4's choice (fp16 "on cuda") and
+* `lora_cli.precision._cuda_capability` -> (7, 5): `choose_precision` then makes the T4's choice (fp16 "on cuda") and
   `base_dtype` loads the base in float16, exactly as on the GPU. Accelerate still lands on the CPU (no CUDA here).
 * `Accelerator.__init__`: after Accelerate has built itself (and skipped AMP because the device is a CPU), turn on
   what it builds on a GPU: `native_amp = True`, which makes `accelerator.autocast()` and the prepared model's forward
@@ -69,12 +69,13 @@ def emulated_fp16(init_scale: float = DEFAULT_INIT_SCALE):
 
     Yields a dict that collects every Accelerator built inside under "accelerators" (to inspect its scaler).
     """
-    import lora_cli.models as models
     from accelerate import Accelerator
+
+    import lora_cli.precision as precision
 
     seen: dict = {"accelerators": []}
     original_init = Accelerator.__init__
-    original_capability = models._cuda_capability
+    original_capability = precision._cuda_capability
 
     @functools.wraps(original_init)
     def patched_init(self, *args, **kwargs):
@@ -87,12 +88,12 @@ def emulated_fp16(init_scale: float = DEFAULT_INIT_SCALE):
 
     reset_accelerate_state()
     Accelerator.__init__ = patched_init
-    models._cuda_capability = lambda: T4_CAPABILITY
+    precision._cuda_capability = lambda: T4_CAPABILITY
     try:
         yield seen
     finally:
         Accelerator.__init__ = original_init
-        models._cuda_capability = original_capability
+        precision._cuda_capability = original_capability
         reset_accelerate_state()
 
 

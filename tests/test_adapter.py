@@ -11,19 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from lora_cli.adapter import load_adapter, read_adapter_config, save_adapter
+from helpers import assert_close, assert_lora_matters, logits, make_peft, peft_adapter_state, randomise_lora, settings
+from lora_cli.adapter import KEY_PREFIX, load_adapter, read_adapter_config, save_adapter
 from lora_cli.errors import UserError
 from lora_cli.inject import apply_lora, lora_layers, lora_state_dict
-from test_lora import (
-    PREFIX,
-    assert_close,
-    assert_lora_matters,
-    logits,
-    make_peft,
-    peft_adapter_state,
-    randomise_lora,
-    settings,
-)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -77,7 +68,7 @@ def test_our_adapter_format(case, tmp_path):
         assert f.metadata() == {"format": "pt"}
         names = sorted(f.keys())
     expected = sorted(
-        f"{PREFIX}{path}.{t}"
+        f"{KEY_PREFIX}{path}.{t}"
         for path in report.wrapped
         for t in ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if s.use_dora else ())
     )
@@ -128,7 +119,7 @@ def test_peft_adapter_loads_here(case, tmp_path):
     model = tiny.make_model(arch)
     config, report = load_adapter(model, tmp_path)
     assert config.settings.use_dora == overrides.get("use_dora", False)
-    assert sorted(lora_state_dict(model)) == sorted(k[len(PREFIX):] for k in peft_adapter_state(peft_model))
+    assert sorted(lora_state_dict(model)) == sorted(k[len(KEY_PREFIX):] for k in peft_adapter_state(peft_model))
     assert all(not layer.merged for layer in lora_layers(model).values())
     assert_close(logits(model.eval()), theirs, 1e-5)
     if overrides.get("rank_pattern"):
@@ -170,7 +161,7 @@ def _load_error(folder, arch="llama") -> str:
     return str(err.value)
 
 
-Q_A = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+Q_A = f"{KEY_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
 def test_missing_folder(tmp_path):
@@ -238,7 +229,7 @@ def test_missing_tensor(adapter):
 
 
 def test_unexpected_tensor(adapter):
-    extra = f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight"
+    extra = f"{KEY_PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight"
     _edit_tensors(adapter, lambda t: t.__setitem__(extra, torch.zeros(4, 32)))
     msg = _load_error(adapter)
     assert f"unexpected {extra} (shape [4, 32])" in msg

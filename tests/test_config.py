@@ -83,6 +83,30 @@ def test_overrides_merge_into_file(tmp_path):
     assert cfg.model.name_or_path == "org/model"
 
 
+def test_section_override_merges_with_earlier_dotted_overrides(tmp_path):
+    """A whole-section override merges into the section as the dotted ones do: an earlier `lora.r=2` survives a
+    later `lora={alpha: 4}`; a key both give takes the later value."""
+    path = write(tmp_path, MINIMAL + "lora:\n  r: 4\n  alpha: 8\ntrain:\n  output_dir: from-yaml\n")
+    cfg = load_config(path, ["lora.r=2", "lora={alpha: 4}", "train.output_dir=from-override", "train={max_steps: 2}"])
+    assert (cfg.lora.r, cfg.lora.alpha) == (2, 4.0)
+    assert (cfg.train.output_dir, cfg.train.max_steps) == ("from-override", 2)
+    cfg = load_config(path, ["lora.r=2", "lora={r: 16}", "lora.alpha=32"])
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 32.0)
+
+
+def test_unparsable_list_override_hint_quotes_the_items(tmp_path):
+    """`?` inside a flow list is YAML syntax; the hint quotes each item, so the fix is still a list (quoting the
+    whole list would make it one string, which train.eval_prompts reads as a file path)."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError) as info:
+        load_config(path, ["train.eval_prompts=[Who is the mayor?, Name it]"])
+    message = str(info.value)
+    suggestion = """train.eval_prompts='["Who is the mayor?", "Name it"]'"""
+    assert f"quote each item of the list as a YAML string inside shell quotes, e.g. {suggestion}." in message
+    fixed = suggestion.replace("'", "")  # what the shell hands over
+    assert load_config(path, [fixed]).train.eval_prompts == ["Who is the mayor?", "Name it"]
+
+
 @pytest.mark.parametrize(
     "section, key, suggestion",
     [

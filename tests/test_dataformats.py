@@ -3,6 +3,7 @@ prompt/completion rows, and data.system_prompt; from the data pipeline up to the
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -292,7 +293,7 @@ def test_a_base_model_trains_as_a_chat_model_and_generates_with_the_same_prompt(
         assert folder_template(folder) == CHATML  # the adapter and its checkpoints carry the template
     assert folder_template(base_model_dir) is None
 
-    from lora_cli import generate as gen
+    gen = importlib.import_module("lora_cli.generate")  # the module; lora_cli.generate is the API function
     from lora_cli.generate import load_for_generation
 
     seen = []

@@ -16,6 +16,7 @@ import transformers
 from typer.testing import CliRunner
 
 import amp_emulation
+from helpers import make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.errors import UserError
@@ -25,7 +26,6 @@ from lora_cli.losses import head_cross_entropy
 from lora_cli.models import load_base_model
 from lora_cli.packing import check_packing_supported
 from lora_cli.train import train
-from test_train import make_config
 
 runner = CliRunner()
 FP16_ADVICE = ("train.precision=bf16", "train.precision=fp32")
@@ -133,9 +133,8 @@ def test_packed_attention_without_native_grouped_query_support_repeats_k_and_v(m
     """On a T4 sdpa's enable_gqa would force its math kernel (flash, the only kernel that takes it, needs compute
     capability 8.0): the packed attention then repeats k/v per query head. Same losses and gradients as unpacked."""
     import lora_cli.packing as packing
+    from helpers import examples, lora_model, loss_and_grads
     from lora_cli import data
-    from test_packing import examples, loss_and_grads
-    from test_losses import lora_model
 
     seen = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -358,14 +357,14 @@ def test_emulated_fp16_every_step_skipped_stops_with_the_fp16_advice(tmp_path, t
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     message = " ".join(result.output.split())
-    assert "3" in message and all(advice in message for advice in FP16_ADVICE), message
+    assert "3 updates in a row were skipped" in message and all(advice in message for advice in FP16_ADVICE), message
     assert applied[0] == 0
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_emulation_leaves_accelerate_and_precision_as_they_were(tmp_path, trainable_model_dir):
     """After an emulated run, an ordinary fp32 run in the same process works (AcceleratorState is a singleton)."""
-    from lora_cli.models import choose_precision
+    from lora_cli.precision import choose_precision
 
     config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 1, "overwrite_output_dir": True})
     with amp_emulation.emulated_fp16():

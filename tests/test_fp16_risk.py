@@ -3,15 +3,17 @@ and the non-finite-loss stop message names them; the precision itself is never c
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import transformers
 from typer.testing import CliRunner
 
+from helpers import make_config
 from lora_cli.cli import train_app
-from lora_cli.models import choose_precision, fp16_risk
+from lora_cli.precision import choose_precision, fp16_risk
 from lora_cli.training.loop import nonfinite_message
-from test_train import make_config
 
 T4 = choose_precision("auto", capability=(7, 5))
 A100 = choose_precision("auto", capability=(8, 0))
@@ -69,8 +71,9 @@ def test_the_stop_message_names_the_family():
 def test_lora_train_prints_the_warning_and_adds_it_to_the_stop_message(tmp_path, trainable_model_dir, monkeypatch):
     """The wiring: the start of a run and the non-finite stop (fp16 cannot run on this CPU, so the check is faked)."""
     import lora_cli.losses as losses_module
-    import lora_cli.train as train_module
     import lora_cli.training.loop as loop_module
+
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     calls = []
 

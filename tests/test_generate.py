@@ -3,6 +3,7 @@ chat template handling, and clean errors."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -13,14 +14,15 @@ import pytest
 from typer.testing import CliRunner
 
 import tiny
-from lora_cli import generate as gen
+from helpers import randomise_lora
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.merge import merge_adapter
 from lora_cli.models import load_base_model
-from test_lora import randomise_lora
+
+gen = importlib.import_module("lora_cli.generate")  # the module; lora_cli.generate is the API function
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
 

@@ -5,6 +5,7 @@ errors of issue 9 that ended in a traceback or named the wrong thing (MODEL, --o
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -16,12 +17,13 @@ from typer.testing import CliRunner
 
 import amp_emulation
 import tiny
-from lora_cli import generate as gen
 from lora_cli import generate_io
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.models import load_base_model
+
+gen = importlib.import_module("lora_cli.generate")  # the module; lora_cli.generate is the API function
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 SAMPLING = ["--temperature", "0.7", "--seed", "0", "--max-new-tokens", "6"]

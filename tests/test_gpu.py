@@ -10,6 +10,7 @@ cases skip below compute capability 8.0 (a T4): lora-cli never picks bf16 there.
 from __future__ import annotations
 
 import collections
+import importlib
 import json
 import math
 import re
@@ -28,7 +29,7 @@ import tiny
 
 HAS_CUDA = torch.cuda.is_available()
 CAPABILITY = torch.cuda.get_device_capability(0) if HAS_CUDA else (0, 0)
-HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (models.choose_precision), not torch.cuda.is_bf16_supported()
+HAS_BF16 = CAPABILITY >= (8, 0)  # lora-cli's rule (precision.choose_precision), not torch.cuda.is_bf16_supported()
 DEVICE = "cuda"
 
 pytestmark = [
@@ -220,8 +221,8 @@ def test_chunked_loss_backward_at_one_token_and_the_initial_loss_scale_on_cuda()
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
 def test_model_loss_and_lora_grads_match_transformers_on_cuda(dtype):
     """causal_lm_loss (decoder + chunked frozen head) vs transformers' own loss, on a half base with fp32 LoRA."""
+    from helpers import padded_batch, plain_loss_sum, trainable
     from lora_cli.losses import causal_lm_loss
-    from test_losses import padded_batch, plain_loss_sum, trainable
 
     model = _half_lora_model("llama", dtype)
     batch = {k: v.to(DEVICE) for k, v in padded_batch().items()}
@@ -241,8 +242,8 @@ def test_model_loss_and_lora_grads_match_transformers_on_cuda(dtype):
 
 def _half_lora_model(arch: str, dtype: torch.dtype, dropout: float = 0.0):
     """A tiny model, base in `dtype` and frozen, fp32 LoRA on all linear layers (randomised), on the GPU."""
+    from helpers import randomise_lora
     from lora_cli.inject import LoraSettings, apply_lora
-    from test_lora import randomise_lora
 
     model = tiny.make_model(arch, dtype=dtype)
     model.requires_grad_(False)
@@ -274,7 +275,7 @@ def trained_models():
 
 
 def _config(tmp_path: Path, model_dir: Path, **sections) -> Path:
-    from test_train import make_config
+    from helpers import make_config
 
     return make_config(tmp_path, model_dir, **sections)
 
@@ -370,11 +371,10 @@ def test_packing_on_cuda_with_the_memory_efficient_kernel(dtype):
     trained with only sdpa's memory-efficient kernel allowed gives the loss and LoRA gradients of the padded one."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from helpers import examples, trainable
     from lora_cli import data
     from lora_cli.losses import causal_lm_loss
     from lora_cli.packing import check_packing_supported, packed_attention
-    from test_losses import trainable
-    from test_packing import examples
 
     model = _half_lora_model("llama", dtype)  # grouped-query attention: 4 query heads, 2 k/v heads
     exs = examples([11, 4, 8, 6, 13])
@@ -417,10 +417,10 @@ def test_packed_training_on_cuda(tmp_path, trainable_model_dir):
 @pytest.fixture(scope="module")
 def adapter_folders(tmp_path_factory):
     """A tiny llama base and a randomised adapter for it (built on the CPU)."""
+    from helpers import randomise_lora
     from lora_cli.adapter import save_adapter
     from lora_cli.inject import LoraSettings, apply_lora
     from lora_cli.models import load_base_model
-    from test_lora import randomise_lora
 
     root = tmp_path_factory.mktemp("gpu_generate")
     base = tiny.save_model("llama", root / "base")
@@ -433,7 +433,7 @@ def adapter_folders(tmp_path_factory):
 
 
 def test_generation_on_cuda(adapter_folders):
-    from lora_cli import generate as gen
+    gen = importlib.import_module("lora_cli.generate")
 
     base, adapter = adapter_folders["base"], adapter_folders["adapter"]
     unmerged, tokenizer = gen.load_for_generation(base, adapter, dtype="float32")
@@ -544,14 +544,13 @@ def test_bench_script_fp16_end_to_end(tmp_path, tiny_model_dir):
     assert "| fixed | lora-cli |" in proc.stdout
 
 
-
 # --- 9. QLoRA: a 4-bit base on CUDA -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory):
     """A trainable tiny llama of hidden size 64 (4-bit quantizes in blocks of 64 values)."""
-    from test_qlora import save_wide
+    from helpers import save_wide
 
     return save_wide("llama", tmp_path_factory.mktemp("wide_llama"), init_range=0.2)
 
@@ -628,7 +627,7 @@ def _packed_and_padded(dtype):
     from lora_cli import data
     from lora_cli.losses import loss_positions
     from lora_cli.packing import PackedLayout
-    from test_packing import examples
+    from helpers import examples
 
     exs = examples([11, 4, 8, 6, 13])
     padded = data.collate(exs, pad_token_id=3)
@@ -643,8 +642,8 @@ def _packed_and_padded(dtype):
 
 
 def _loss_and_grads(model, batch, dtype):
+    from helpers import trainable
     from lora_cli.losses import causal_lm_loss
-    from test_losses import trainable
 
     with torch.autocast(DEVICE, dtype=dtype):
         loss, n_tokens = causal_lm_loss(model, batch)
@@ -694,8 +693,8 @@ def test_fused_adamw_on_cuda_matches_foreach_and_loads_its_state():
     """make_optimizer's fused AdamW on CUDA updates as foreach AdamW does (within fp32 rounding), and each loads
     the other's state_dict and goes on alike (a checkpoint written by either resumes in either)."""
     from lora_cli.training.optim import make_optimizer
+    from helpers import trainable
     from lora_cli.config import validate_config
-    from test_losses import trainable
 
     cfg = validate_config({"model": {"name_or_path": "x"}, "data": {"path": "x"},
                            "train": {"learning_rate": 1e-2, "weight_decay": 0.01}})
@@ -732,11 +731,11 @@ def test_a_plain_training_step_never_syncs_on_cuda(precision, packing, tmp_path,
     """The real lora-train loop, with torch.cuda.set_sync_debug_mode("error") over optimizer steps 2 and 3 (neither
     logs, evaluates nor checkpoints): any host-device synchronisation in them (a read of a loss, a flag, a position,
     a pageable copy) raises. fp16 with its loss scaler, bf16; packed rows and padded batches."""
+    from helpers import make_config
     from lora_cli.config import load_config
     from lora_cli.train import train
     from lora_cli.training import loop
     from test_host_syncs import CHAT_ROWS
-    from test_train import make_config
 
     windows = [0]
     real = loop.accumulate_gradients

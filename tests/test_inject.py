@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import tiny
+from helpers import logits, randomise_lora, settings
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora, lora_layers, resolve_target_paths, set_lora_enabled
 from lora_cli.lora import LoraLinear
-from test_lora import logits, randomise_lora, settings
 
 LAYERS = (0, 1)
 

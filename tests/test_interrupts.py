@@ -10,6 +10,7 @@ then inspects the folder the dead child left.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import signal
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import lora_cli.train as train_module
+from helpers import make_config
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import outdir
 from lora_cli.training.checkpoint import save_checkpoint
 from lora_cli.training.signals import StopRequests
-from test_train import make_config
+
+train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 RESULT_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_config.yaml")

@@ -3,12 +3,12 @@ load (tokenizer, config lookup, weights), and take the base's revision from the 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 from typer.testing import CliRunner
 
-import lora_cli.loading as loading
 import lora_cli.models as models
 from lora_cli.adapter import save_adapter
 from lora_cli.cli import generate_app, merge_app
@@ -20,7 +20,7 @@ from lora_cli.models import load_base_model
 def recorded(monkeypatch):
     """Record the (revision, trust_remote_code) every loader is called with, still loading for real."""
     calls = {"tokenizer": [], "model": [], "config": []}
-    real_tokenizer, real_model, real_stored = loading.load_tokenizer, loading.load_base_model, models.stored_dtype
+    real_tokenizer, real_model, real_stored = models.load_tokenizer, models.load_base_model, models.stored_dtype
 
     def tokenizer(name, revision=None, trust_remote_code=False):
         calls["tokenizer"].append((revision, trust_remote_code))
@@ -34,7 +34,7 @@ def recorded(monkeypatch):
         calls["config"].append((revision, trust_remote_code))
         return real_stored(name)
 
-    import lora_cli.merge.stream as merge_stream
+    from lora_cli.merge import stream as merge_stream
 
     real_checkpoint = merge_stream._checkpoint
 
@@ -42,11 +42,11 @@ def recorded(monkeypatch):
         calls["model"].append((source.revision, source.trust_remote_code))
         return real_checkpoint(source)
 
-    monkeypatch.setattr(loading, "load_tokenizer", tokenizer)
-    monkeypatch.setattr("lora_cli.merge.load_tokenizer", tokenizer)
-    monkeypatch.setattr(loading, "load_base_model", model)
+    monkeypatch.setattr(models, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "load_tokenizer", tokenizer)
+    monkeypatch.setattr(models, "load_base_model", model)
     monkeypatch.setattr(merge_stream, "_checkpoint", checkpoint)
-    monkeypatch.setattr("lora_cli.merge.stored_dtype", stored)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "stored_dtype", stored)
     return calls
 
 

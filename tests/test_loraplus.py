@@ -8,11 +8,11 @@ import torch
 from typer.testing import CliRunner
 
 import tiny
+from helpers import losses, make_config
 from lora_cli.cli import train_app
 from lora_cli.config import validate_config
 from lora_cli.inject import LoraSettings, apply_lora
 from lora_cli.training.optim import make_optimizer, make_scheduler
-from test_train import losses, make_config
 
 LR, RATIO = 1e-3, 16.0
 

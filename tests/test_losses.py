@@ -7,51 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
-from lora_cli.inject import LoraSettings, apply_lora
+from helpers import lora_model, padded_batch, plain_loss_sum, trainable
+from lora_cli.data import IGNORE_INDEX
 from lora_cli.lora import LoraLinear
 from lora_cli.losses import CHUNK_BYTES, MIN_CHUNK_ROWS, causal_lm_loss, chunk_rows
-from test_lora import randomise_lora
-
-IGNORE = -100
-
-
-def lora_model(arch: str, targets="all-linear", vocab: int | None = None, seed: int = 0):
-    if vocab is None:
-        model = tiny.make_model(arch, seed=seed)
-    else:  # a larger vocabulary, for the memory tests
-        torch.manual_seed(seed)
-        config = tiny.ARCH_CONFIGS[arch]()
-        config.vocab_size = vocab
-        import transformers
-
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=targets))
-    with torch.no_grad():
-        randomise_lora(model)
-    return model.eval()  # eval: no dropout in the base models, so both paths see the same function
-
-
-def padded_batch(batch: int = 3, length: int = 20, seed: int = 1) -> dict:
-    """Padding at the end of one row, a masked prompt on every row: the loss must skip both."""
-    input_ids = tiny.sample_input_ids(batch, length, seed)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[-1, length - 6 :] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
-    labels[:, :5] = IGNORE
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def plain_loss_sum(model, batch) -> torch.Tensor:
-    """The reference: transformers' own loss (mean over trained tokens) times their number."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                use_cache=False)
-    return out.loss * int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def assert_same_loss_and_grads(model, batch, **loss_kwargs):
@@ -60,7 +19,7 @@ def assert_same_loss_and_grads(model, batch, **loss_kwargs):
     expected_grads = torch.autograd.grad(expected, params)
     got, n_tokens = causal_lm_loss(model, batch, **loss_kwargs)
     got_grads = torch.autograd.grad(got, params)
-    assert n_tokens == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert n_tokens == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
@@ -94,7 +53,7 @@ def test_no_grad_evaluation_matches():
 
 def test_batch_without_trained_tokens_gives_zero_and_backpropagates():
     model, batch = lora_model("llama"), padded_batch()
-    batch["labels"][:] = IGNORE
+    batch["labels"][:] = IGNORE_INDEX
     loss, n_tokens = causal_lm_loss(model, batch)
     assert n_tokens == 0 and loss.item() == 0.0
     loss.backward()  # no "does not require grad" error: the step can go on

@@ -16,81 +16,33 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 import tiny
-from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
-from lora_cli.cli import merge_app
+from helpers import (
+    VARIANTS,
+    assert_close,
+    assert_error,
+    base_plus_adapter,
+    load,
+    logits,
+    make_our_adapter,
+    make_peft_adapter,
+    merge,
+)
+from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.inject import LoraSettings, apply_lora, merge_lora
 from lora_cli.lora import LoraLinear
 from lora_cli.merge import MERGED_ADAPTER_CONFIG_NAME, merge_adapter, save_merged
+from lora_cli.merge import stream as merge_stream
 from lora_cli.models import load_tokenizer
-from test_lora import peft_config, randomise_lora
-
-IDS = tiny.sample_input_ids()
-VARIANTS = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-def load(folder, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(IDS).logits.float()
-
-
-def lora_settings(variant: str) -> LoraSettings:
-    return LoraSettings(r=4, alpha=8.0, **VARIANTS[variant])
-
-
-def make_our_adapter(base_dir: Path, out: Path, variant: str = "plain", seed: int = 0, **overrides) -> Path:
-    model = load(base_dir)
-    settings = LoraSettings(r=4, alpha=8.0, **VARIANTS[variant], **overrides)
-    report = apply_lora(model, settings)
-    randomise_lora(model, seed=seed)
-    return save_adapter(model, out, settings, report.target_modules, base_model_name_or_path=str(base_dir))
-
-
-def make_peft_adapter(base_dir: Path, out: Path, arch: str, variant: str, seed: int = 0):
-    """PEFT's adapter folder and PEFT's own merge_and_unload() of the same model."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(load(base_dir), peft_config(lora_settings(variant), arch))
-    randomise_lora(peft_model, seed=seed)
-    peft_model.save_pretrained(out)
-    return out, peft_model.merge_and_unload().eval()
-
-
-def base_plus_adapter(base_dir: Path, adapter_dir: Path):
-    model = load(base_dir)
-    load_adapter(model, adapter_dir)
-    return model.eval()
-
-
-def merge(*args: str):
-    return CliRunner().invoke(merge_app, [str(a) for a in args])
-
-
-def assert_close(actual, expected, atol):
-    diff = (actual.float() - expected.float()).abs().max().item()
-    assert diff <= atol, f"max abs difference {diff:.3g} > {atol:.3g}"
 
 
 def assert_clean_reload(folder: Path, dtype=torch.float32):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
-
-
-def assert_error(result, *fragments: str):
-    assert result.exit_code == 2, result.output
-    assert "error:" in result.output and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 # --- merged = base + adapter ---------------------------------------------------------------------------------
@@ -251,7 +203,7 @@ def test_verify_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, pa
     out = tmp_path / "out" / "merged"
     # A broken merge: the update is silently dropped (W stays W).
     if path == "streamed":  # caught by the per-tensor check
-        monkeypatch.setattr("lora_cli.merge.stream.merged_weight", lambda weight, *args, **kwargs: weight.float())
+        monkeypatch.setattr(merge_stream, "merged_weight", lambda weight, *args, **kwargs: weight.float())
         result = merge(adapter, out)
         assert_error(result, "Verification failed for model.layers.0.self_attn.q_proj.weight", "nothing was written")
     else:  # caught by the logits check

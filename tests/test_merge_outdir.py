@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_merge import assert_close, base_plus_adapter, load, logits, make_our_adapter, merge
+from helpers import assert_close, base_plus_adapter, load, logits, make_our_adapter, merge
 
 
 def hidden(folder: Path) -> list[str]:
@@ -46,7 +46,7 @@ def test_a_linked_output_dir_is_written_through_and_stays_a_link(tiny_model_dir,
 # A real lora-merge process that stops after writing its first shard into the hidden temporary folder, until killed.
 SLOW_MERGE = """
 import sys, time
-import lora_cli.merge.stream as merge_stream
+from lora_cli.merge import stream as merge_stream
 from lora_cli.cli import merge_app
 
 write = merge_stream.write_streaming

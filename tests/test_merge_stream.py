@@ -14,10 +14,20 @@ import torch
 from safetensors.torch import save_file
 
 import tiny
+from helpers import (
+    assert_close,
+    assert_error,
+    base_plus_adapter,
+    load,
+    logits,
+    make_our_adapter,
+    make_peft_adapter,
+    merge,
+)
 from lora_cli.merge import merge_adapter
+from lora_cli.merge import output as merge_output
+from lora_cli.merge import stream as merge_stream
 from lora_cli.safetensors_io import SafetensorsFile, write_streaming
-from test_merge import assert_close, assert_error, base_plus_adapter, load, logits, make_our_adapter, \
-    make_peft_adapter, merge
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -118,7 +128,7 @@ def test_full_disk_while_writing_exits_2_and_leaves_nothing(tiny_model_dir, tmp_
         Path(path).write_bytes(b"half a shard")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lora_cli.merge.stream.write_streaming", full_disk)
+    monkeypatch.setattr(merge_stream, "write_streaming", full_disk)
     result = merge(adapter, out, "--max-shard-size", "30KB")
 
     assert calls
@@ -129,7 +139,7 @@ def test_full_disk_while_writing_exits_2_and_leaves_nothing(tiny_model_dir, tmp_
 
 def test_too_little_free_space_is_refused_before_writing(tiny_model_dir, tmp_path, monkeypatch):
     adapter = make_our_adapter(tiny_model_dir("llama"), tmp_path / "adapter")
-    monkeypatch.setattr("lora_cli.merge.output.free_bytes", lambda path: 1000)
+    monkeypatch.setattr(merge_output, "free_bytes", lambda path: 1000)
     result = merge(adapter, tmp_path / "merged")
     assert_error(result, "Not enough disk space", "0.00 MB are free")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
@@ -223,7 +233,7 @@ def test_peft_adapter_on_lm_head_with_its_saved_copy_of_the_head(tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from test_lora import randomise_lora
+    from helpers import randomise_lora
 
     base_dir = tiny.save_model("llama", tmp_path / "base")
     peft_model = get_peft_model(load(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],

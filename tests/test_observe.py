@@ -3,6 +3,7 @@ train.eval_prompts, and the closing summary."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import struct
@@ -11,12 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, interrupted_copy, make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import trackers as trackers_lib
-from test_resume import interrupted_copy
-from test_train import CHAT_ROWS, make_config
 
 runner = CliRunner()
 PROMPTS = ["Who is the mayor?", "What colour is the lighthouse?"]
@@ -202,7 +202,7 @@ def test_logging_dir_moves_the_tracker_files_but_not_the_live_log(tmp_path, tiny
 @pytest.mark.parametrize("tracker, install", [("tensorboard", 'pip install -e ".[tensorboard]"'),
                                               ("wandb", "pip install wandb")])
 def test_missing_tracker_exits_2_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, tracker, install):
-    import lora_cli.train as train_module
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     monkeypatch.setattr(trackers_lib, "_installed", lambda name: name != tracker)
     monkeypatch.setattr(train_module, "prepare_model_and_data", lambda *a: pytest.fail("the model was loaded"))
@@ -216,7 +216,7 @@ def test_missing_tracker_exits_2_before_the_model_loads(tmp_path, tiny_model_dir
 
 def test_trackers_are_ended_when_the_run_fails(tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("tensorboard")
-    import lora_cli.train as train_module
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     ended = []
     monkeypatch.setattr(trackers_lib.Trackers, "end", lambda self: ended.append(True))
@@ -366,7 +366,7 @@ def test_eval_prompts_at_each_epoch_end_when_no_eval_steps(tmp_path, tiny_model_
 
 
 def test_missing_prompt_file_exits_2_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
-    import lora_cli.train as train_module
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     monkeypatch.setattr(train_module, "prepare_model_and_data", lambda *a: pytest.fail("the model was loaded"))
     config = make_config(tmp_path, tiny_model_dir("llama"), train={"eval_prompts": "What is LoRA?"})

@@ -4,6 +4,7 @@ and the file modes of what is written."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import stat
@@ -11,8 +12,8 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, make_config
 from lora_cli.cli import train_app
-from test_train import CHAT_ROWS, make_config
 
 runner = CliRunner()
 
@@ -26,7 +27,7 @@ def refuse_model_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr("lora_cli.train.load_base_model", boom)
+    monkeypatch.setattr(importlib.import_module("lora_cli.train"), "load_base_model", boom)
 
 
 def test_a_legacy_bin_adapter_is_not_overwritten(tmp_path, trainable_model_dir):
@@ -256,7 +257,7 @@ def test_a_failed_merge_at_end_keeps_the_adapter_and_says_how_to_merge(tmp_path,
     def no_room(*args, **kwargs):
         raise UserError("Not enough disk space for the merged model.")
 
-    monkeypatch.setattr("lora_cli.merge.merge_adapter", no_room)
+    monkeypatch.setattr(importlib.import_module("lora_cli.merge"), "merge_adapter", no_room)
     result = invoke(make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 2, "merge_at_end": True}))
     assert result.exit_code == 2, result.output
     out = tmp_path / "out"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tiny
+from helpers import examples, lora_model, loss_and_grads, losses, make_config
 from lora_cli import data, packing
 from lora_cli.config import load_config
 from lora_cli.data import IGNORE_INDEX, Example
@@ -15,21 +16,9 @@ from lora_cli.errors import UserError
 from lora_cli.losses import causal_lm_loss
 from lora_cli.packing import check_packing_supported, packed_attention
 from lora_cli.train import train
-from test_losses import lora_model, trainable
-from test_train import losses, make_config
 
 # Packing works where the attention honours per-example position ids; OPT takes positions from the attention mask.
 PACKABLE = [a for a in tiny.ARCHS if a != "opt"]
-
-
-def examples(lengths, seed: int = 0, prompt: int = 2) -> list[Example]:
-    """Random examples; the first `prompt` tokens of each are masked, as a prompt would be."""
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids = [rng.randrange(4, tiny.VOCAB) for _ in range(n)]
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
 
 
 # --- rows and collation --------------------------------------------------------------------------------------
@@ -76,11 +65,6 @@ def only_example(batch: dict, row: int, start: int, stop: int) -> dict:
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
     labels[row, start:stop] = batch["labels"][row, start:stop]
     return {**batch, "labels": labels}
-
-
-def loss_and_grads(model, batch):
-    loss, n_tokens = causal_lm_loss(model, batch)
-    return loss, n_tokens, torch.autograd.grad(loss, trainable(model))
 
 
 @pytest.mark.parametrize("arch", PACKABLE)

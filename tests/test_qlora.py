@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 from typer.testing import CliRunner
 
-import tiny
+from helpers import IDS, save_wide
 from lora_cli.adapter import load_adapter, save_adapter
 from lora_cli.errors import UserError
 from lora_cli.inject import LoraSettings, apply_lora, lora_layers, merge_lora, resolve_target_paths
@@ -30,27 +30,6 @@ from lora_cli.models import load_base_model
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
-
-IDS = tiny.sample_input_ids()
-WIDE = {"llama": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16},
-        "qwen2": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}, "gpt2": {"n_embd": 64}}
-
-
-def save_wide(arch: str, path: Path, init_range: float | None = None) -> Path:
-    """tiny.save_model with hidden size 64 (4 heads of 16)."""
-    tokenizer = tiny.make_tokenizer()
-    config = tiny.ARCH_CONFIGS[arch]()
-    for key, value in WIDE[arch].items():
-        setattr(config, key, value)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, tokenizer.eos_token_id, tokenizer.pad_token_id
-    if init_range is not None:
-        config.initializer_range = init_range
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = config.eos_token_id, config.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +124,7 @@ def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(model_dir, ar
 
 @pytest.mark.parametrize("capability,compute", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
 def test_the_4bit_layers_compute_in_the_training_precision_on_its_device(capability, compute):
-    from lora_cli.models import base_quantization, choose_precision
+    from lora_cli.precision import base_quantization, choose_precision
     from lora_cli.quantization import quantization_kwargs
 
     precision = choose_precision("auto", capability=capability)
@@ -331,8 +310,8 @@ def test_lora_generate_load_in_4bit_runs_the_adapter_on_the_4bit_base(qlora_adap
 def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path, model_dir, monkeypatch):
     import transformers
 
+    from helpers import make_config
     from lora_cli.cli import generate_app, train_app
-    from test_train import make_config
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
 
@@ -354,9 +333,9 @@ def test_missing_bitsandbytes_is_a_config_error_before_the_model_loads(tmp_path,
 
 
 def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path, model_dir):
+    from helpers import losses, make_config
     from lora_cli.cli import merge_app, train_app
     from lora_cli.config import load_config
-    from test_train import losses, make_config
 
     folder = model_dir("llama", init_range=0.2)  # wide weights: LoRA can drive the loss down fast
     config = make_config(tmp_path, folder, model={"quantization_bit": 4},
@@ -388,9 +367,9 @@ def test_a_4bit_base_in_the_other_half_type_than_the_precision_is_refused_before
                                                                                           monkeypatch):
     """Linear4bit returns model.dtype (float16) under bf16 autocast, whose torch.cat then raised 'Unexpected
     floating ScalarType in at::autocast::prioritize' mid-forward; refused up front, CPU and CUDA alike."""
+    from helpers import make_config
     from lora_cli.cli import train_app
-    from lora_cli.models import PrecisionChoice, check_4bit_dtype
-    from test_train import make_config
+    from lora_cli.precision import PrecisionChoice, check_4bit_dtype
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the dtype mix-up was reported")
@@ -420,8 +399,8 @@ def test_a_qlora_run_on_gpt2_writes_fan_in_fan_out_true_and_the_adapter_is_the_s
     import warnings
 
     peft = pytest.importorskip("peft")
+    from helpers import make_config
     from lora_cli.cli import merge_app, train_app
-    from test_train import make_config
 
     folder = model_dir("gpt2")
     config = make_config(tmp_path, folder, model={"load_in_4bit": True}, train={"max_steps": 2})

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tiny
+from helpers import assert_close, logits, make_our_adapter, randomise_lora
 from lora_cli import data
 from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from lora_cli.cli import generate_app, main_app, merge_app, train_app
@@ -24,8 +25,6 @@ from lora_cli.data import IGNORE_INDEX
 from lora_cli.errors import UserError
 from lora_cli.inject import lora_layers
 from lora_cli.models import load_base_model, load_tokenizer
-from test_lora import assert_close, logits, randomise_lora
-from test_merge import make_our_adapter
 
 runner = CliRunner()
 
@@ -357,7 +356,7 @@ def test_inf_adapter_in_lora_merge_fails_before_the_base_loads(tiny_model_dir, t
     def must_not_load(*args, **kwargs):
         raise AssertionError("the base model was loaded for a broken adapter")
 
-    monkeypatch.setattr("lora_cli.loading.load_base_model", must_not_load)
+    monkeypatch.setattr("lora_cli.models.load_base_model", must_not_load)
     result = invoke(merge_app, adapter, tmp_path / "merged")
     assert_exit_2(result, "non-finite values", names[0])
     assert not (tmp_path / "merged").exists()

@@ -12,11 +12,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, interrupted_copy, make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.errors import UserError
 from lora_cli.train import train
-from test_train import CHAT_ROWS, make_config
 
 runner = CliRunner()
 STEPS = 8
@@ -30,13 +30,6 @@ def records(out: Path) -> list[dict]:
 
 def weights(out: Path) -> bytes:
     return (out / "adapter_model.safetensors").read_bytes()
-
-
-def interrupted_copy(reference_out: Path, step: int, target: Path) -> Path:
-    """What a run killed right after writing checkpoint-<step> leaves: that checkpoint alone in output_dir."""
-    target.mkdir(parents=True)
-    shutil.copytree(reference_out / f"checkpoint-{step}", target / f"checkpoint-{step}")
-    return target
 
 
 def resume_case(tmp_path, model_dir, stop_at: int, **sections):
@@ -284,7 +277,7 @@ def test_early_stopping_and_the_best_adapter_survive_a_resume(tmp_path, trainabl
 
 def test_resume_refuses_changed_validation_data(tmp_path, trainable_model_dir):
     """The validation set decides early stopping and the best adapter: a changed val_path file is refused too."""
-    from test_train import write_jsonl
+    from helpers import write_jsonl
 
     val = write_jsonl(tmp_path / "val.jsonl", CHAT_ROWS[:3])
     config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, data={"val_path": str(val)},

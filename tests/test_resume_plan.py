@@ -121,8 +121,8 @@ def test_an_explicit_checkpoint_must_not_mix_into_another_runs_folder():
 def test_a_dry_run_says_what_a_real_run_would_refuse(tmp_path, trainable_model_dir):
     from typer.testing import CliRunner
 
+    from helpers import make_config
     from lora_cli.cli import train_app
-    from test_train import make_config
 
     config = make_config(tmp_path, trainable_model_dir("llama"))
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)  # an interrupted run's (incomplete) checkpoint

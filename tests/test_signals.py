@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CHAT_ROWS, make_config
 from lora_cli.config import load_config
 from lora_cli.train import train
-from test_train import CHAT_ROWS, make_config
 
 STEPS = 200
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}

@@ -1,56 +1,22 @@
 """lora-train end to end on tiny models: learning, outputs, determinism, precision choice, errors."""
 
+import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
+from helpers import CHAT_ROWS, losses, make_config
 from lora_cli.cli import train_app
 from lora_cli.config import load_config
 from lora_cli.errors import UserError
-from lora_cli.models import choose_precision
+from lora_cli.precision import choose_precision
 from lora_cli.train import train
 
 runner = CliRunner()
-
-# A small fixed dataset the tiny model can memorise: the loss must fall fast when LoRA works.
-TEXT_ROWS = [{"text": f"the lighthouse of quillhaven is painted green {i % 3}"} for i in range(8)]
-CHAT_ROWS = [
-    {"messages": [{"role": "user", "content": f"Who is the mayor {i}?"},
-                  {"role": "assistant", "content": "The mayor is Orla Fenwick."}]}
-    for i in range(12)
-]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def make_config(tmp_path: Path, model_dir: Path, rows=TEXT_ROWS, **sections) -> Path:
-    data_file = write_jsonl(tmp_path / "data.jsonl", rows)
-    cfg = {
-        "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
-        "data": {"path": str(data_file), "max_length": 64},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 40, "micro_batch_size": 4,
-                  "learning_rate": 2.0e-2, "warmup_ratio": 0.0, "logging_steps": 1, "seed": 0},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
-def losses(out: Path) -> list[float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
 
 
 def test_loss_falls_by_half_and_outputs_are_complete(tmp_path, trainable_model_dir):
@@ -268,7 +234,7 @@ def test_dry_run_over_an_existing_adapter_warns_and_changes_nothing(tmp_path, tr
      ("bfloat16", "fp32", "cpu", torch.bfloat16)],
 )
 def test_base_dtype_is_half_only_on_gpu(setting, precision, device, expected):
-    from lora_cli.models import PrecisionChoice, base_dtype
+    from lora_cli.precision import PrecisionChoice, base_dtype
 
     assert base_dtype(setting, PrecisionChoice(precision, device, "")) == expected
 
@@ -279,7 +245,7 @@ def test_the_model_is_freed_when_train_returns(tmp_path, trainable_model_dir, mo
     import gc
     import weakref
 
-    import lora_cli.train as train_module
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     models = []
     real = train_module.prepare_model_and_data

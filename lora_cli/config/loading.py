@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +23,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
     return validate_config(data, source=str(path))
+
+
+def build_config(config: str | os.PathLike | Mapping | Config, overrides: Sequence[str] = (),
+                 sections: Mapping[str, Mapping] | None = None) -> Config:
+    """The Python API's config: a YAML file, a dict shaped like one, or a Config; then the dotted `overrides`
+    (as on the command line), then `sections` ({"train": {"max_steps": 2}}), each merged key by key, not
+    replacing a section. The caller's dicts are never changed."""
+    if isinstance(config, Config) and not overrides and not sections:
+        return config
+    if isinstance(config, Config):
+        data, source = config.model_dump(mode="json"), "The config"
+    elif isinstance(config, Mapping):
+        data, source = copy.deepcopy(dict(config)), "The config dict"
+    elif isinstance(config, (str, os.PathLike)):
+        data, source = _read_yaml(Path(config)), str(config)
+    else:
+        raise UserError(f"The config must be a YAML file's path, a dict of sections (model, lora, data, train) or a "
+                        f"Config, not {type(config).__name__}.")
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    for name, values in (sections or {}).items():
+        if not isinstance(values, Mapping):
+            raise UserError(f"{name}= takes a dict of that section's keys, e.g. train={{'max_steps': 2}} (got "
+                            f"{values!r}); for one key, a dotted string like 'train.max_steps=2' works too.")
+        data = _deep_merge(data, {name: copy.deepcopy(dict(values))})
+    return validate_config(data, source=source)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -111,14 +141,22 @@ def _parse_value(item: str, raw: str) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise UserError(
-            f"Override {item!r}: the value {raw!r} is not valid YAML. Fix it, or quote it as a YAML string "
-            f"inside shell quotes, e.g. {item.partition('=')[0]}='\"{raw}\"'."
-        ) from None
+        raise UserError(f"Override {item!r}: the value {raw!r} is not valid YAML. {_quoting_hint(item, raw)}") from None
     # Only unquoted text: `model.revision='"1e5"'` stays a string.
     if isinstance(value, str) and looks_like_number(raw):
         return float(raw)
     return value
+
+
+def _quoting_hint(item: str, raw: str) -> str:
+    """How to write the value so YAML reads it. A list keeps its brackets and each item is quoted: quoting the whole
+    `[Who is the mayor?]` would give one string (train.eval_prompts then reads it as a file path)."""
+    key = item.partition("=")[0]
+    if raw.lstrip().startswith("["):
+        items = [part.strip() for part in raw.strip().removeprefix("[").removesuffix("]").split(",") if part.strip()]
+        quoted = ", ".join(json.dumps(part, ensure_ascii=False) for part in items)
+        return f"Fix it, or quote each item of the list as a YAML string inside shell quotes, e.g. {key}='[{quoted}]'."
+    return f"Fix it, or quote it as a YAML string inside shell quotes, e.g. {key}='\"{raw}\"'."
 
 
 def _set_nested(target: dict, keys: list[str], value: Any, item: str) -> None:
@@ -130,7 +168,12 @@ def _set_nested(target: dict, keys: list[str], value: Any, item: str) -> None:
                 f"Override {item!r} sets a key inside {'.'.join(keys[: depth + 1])}, which an earlier override "
                 f"set to a plain value. Drop one of the two overrides."
             )
-    node[keys[-1]] = value
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        # A mapping merges into what earlier overrides set there (`lora.r=2 'lora={alpha: 4}'` keeps r=2), as it
+        # merges into the file's section; a key given twice takes the later value, as everywhere else
+        value = _deep_merge(node[last], value)
+    node[last] = value
 
 
 def _deep_merge(base: dict, updates: dict) -> dict:

@@ -20,10 +20,11 @@ Precision = Literal["auto", "fp16", "bf16", "fp32"]
 DataFormat = Literal["auto", "text", "alpaca", "chat", "prompt_completion"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 LoraInit = Literal["default", "gaussian"]
+INIT_CHOICES = get_args(LoraInit)  # LoraLinear checks its `init` against the same names
 Optimizer = Literal["adamw"]  # torch.optim.AdamW; a Literal so more can be added without a type change
 Tracker = Literal["tensorboard", "wandb"]  # experiment trackers, run through Accelerate's tracker classes
 
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # target_modules' PEFT keyword: every linear layer but the output head
 
 
 class _Section(BaseModel):
@@ -204,6 +205,10 @@ class DataSection(_Section):
     # auto = the model's own; chatml, llama3; Jinja text; or the path of a .jinja file. Written into the adapter.
     chat_template: str = Field("auto", min_length=1)
     system_prompt: str | None = None  # the system message of chat rows that have none; lora-generate uses it too
+    # The tokenized data is cached here (keyed by the files' contents, the tokenizer and these settings); null = a
+    # folder .lora-data-cache beside train.output_dir, so a rerun after a Colab disconnect finds it on Drive.
+    cache_dir: str | None = None
+    num_proc: int = Field(1, ge=1)  # processes that tokenize the data on a cache miss (see Data formats)
 
     @field_validator("path", mode="before")
     @classmethod

@@ -28,6 +28,12 @@ def collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def lengths_of(examples) -> list[int]:
+    """The examples' lengths: from the cache's lengths array when it has one (no example is read), else counted."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths.tolist() if lengths is not None else [len(e) for e in examples]
+
+
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
     """Batches of indices whose examples have similar lengths, so little compute is spent on padding.
 

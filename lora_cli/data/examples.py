@@ -46,9 +46,10 @@ class DataStats:
 
 @dataclass
 class DataBundle:
-    train: list[Example]
+    train: list[Example]  # or data.cache.CachedExamples: a sequence of Example read from the cache
     val: list[Example]
     stats: DataStats
+    fingerprint: str = ""  # the cache key: resume checks it to train on the same examples
 
 
 class RowError(UserError):

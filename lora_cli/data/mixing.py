@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from lora_cli.errors import UserError
 
-from .sources import _LoadedRows
-
 
 @dataclass(frozen=True)
 class Source:
@@ -42,12 +40,12 @@ def as_sources(path: str | list[Source], format: str, split: str) -> list[Source
     return list(path)
 
 
-def take_rows(loaded: _LoadedRows, source: Source, seed: int, index: int) -> _LoadedRows:
-    """The rows `source.take` asks for, drawn at random with the run's seed (the same rows on every run and on a
-    resume), kept in their order in the source. All rows when take is None or covers them all."""
-    take, total = source.take, len(loaded.rows)
+def chosen_rows(total: int, source: Source, seed: int, index: int) -> set[int] | None:
+    """The numbers of the rows `source.take` asks for among `total`, drawn at random with the run's seed (the same
+    rows on every run and on a resume; the reader keeps them in their order in the source). None: all of them."""
+    take = source.take
     if take is None:
-        return loaded
+        return None
     count = take if isinstance(take, int) else round(total * take)
     if isinstance(take, int) and take > total:
         raise UserError(
@@ -60,11 +58,10 @@ def take_rows(loaded: _LoadedRows, source: Source, seed: int, index: int) -> _Lo
             "or a row count."
         )
     if count >= total:
-        return loaded
+        return None
     # Each source draws from its own generator, so adding or reordering one source leaves the others' rows as
     # they were.
-    chosen = sorted(random.Random(f"{seed}:{source.path}:{source.split}").sample(range(total), count))
-    return _LoadedRows([loaded.rows[i] for i in chosen], [loaded.locations[i] for i in chosen])
+    return set(random.Random(f"{seed}:{source.path}:{source.split}").sample(range(total), count))
 
 
 def source_lines(sources: list[SourceStats]) -> list[str]:

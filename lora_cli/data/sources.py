@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_cli.errors import UserError
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+RowStream = Iterator[tuple[dict, str]]  # (row, where it is, e.g. "'data.jsonl' row 7 (line 9)", for messages)
+PARQUET_BATCH = 1000  # rows read from a Parquet file at a time
+JSON_CHUNK = 1 << 20  # characters of a .json file decoded at a time
 
 
 @dataclass
@@ -34,17 +38,37 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
 
 
 def _load(path: str, split: str) -> _LoadedRows:
+    loaded = _LoadedRows([], [])
+    for row, where in iter_rows(path, split):
+        loaded.rows.append(row)
+        loaded.locations.append(where)
+    return loaded
+
+
+def iter_rows(path: str, split: str = "train") -> RowStream:
+    """The rows of `path` (as load_rows reads them) one at a time, each with its location: memory stays bounded
+    whatever the file's size (JSONL line by line, Parquet by row groups, CSV and JSON arrays as a stream)."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return _load_folder(local, split)
+        return _iter_files(_folder_files(local, split))
     if local.is_file():
-        return _load_file(local)
+        return _iter_files([local])
     if _looks_like_local_path(path):
         raise UserError(
             f"Data path '{path}' does not exist: it is neither an existing file nor a reachable Hugging Face Hub "
             f"dataset. Check the path (relative paths start from the current directory, {Path.cwd()})."
         )
-    return _load_hub(path, split)
+    return _iter_hub(path, split)
+
+
+def local_files(path: str, split: str = "train") -> list[Path] | None:
+    """The files iter_rows reads for a local path, in order; None for a Hub dataset."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return _folder_files(local, split)
+    if local.is_file():
+        return [local]
+    return None
 
 
 def _looks_like_local_path(path: str) -> bool:
@@ -57,34 +81,60 @@ def _looks_like_local_path(path: str) -> bool:
     )
 
 
-def _load_file(file: Path) -> _LoadedRows:
-    suffix = file.suffix.lower()
-    if suffix == ".parquet":
-        loaded = _read_parquet(file)
-    elif suffix in (".jsonl", ".json", ".csv", ".txt"):
-        text = _read_utf8(file)
-        reader = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
-        loaded = reader(text, file) if text.strip() else _LoadedRows([], [])
-    else:
+def _iter_files(files: list[Path]) -> RowStream:
+    for file in files:
+        _check_extension(file)  # before the first row: an unsupported file is refused without reading
+    for file in files:
+        count = 0
+        for count, item in enumerate(_iter_file(file), start=1):
+            yield item
+        if not count:
+            raise UserError(f"Data file '{file}' contains no examples. Point the data path at a file with rows.")
+
+
+def _check_extension(file: Path) -> None:
+    if file.suffix.lower() not in DATA_EXTENSIONS:
         raise UserError(
             f"Data file '{file}' has the unsupported extension '{file.suffix}'. Supported: "
             f"{', '.join(DATA_EXTENSIONS)}. Convert the file, or rename it if it already is one of these."
         )
-    if not loaded.rows:
-        raise UserError(f"Data file '{file}' contains no examples. Point the data path at a file with rows.")
-    return loaded
+
+
+def _iter_file(file: Path) -> RowStream:
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        return _iter_parquet(file)
+    return {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".txt": _iter_txt}[suffix](file)
+
+
+def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded one line at a time; a byte that is not UTF-8 is reported with its
+    offset in the file and its line."""
+    offset = 0
+    with open(file, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                # -sig on the first line: tolerate the byte order mark that Windows tools write
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                _not_utf8(file, offset + e.start, line_number, raw[e.start])
+            offset += len(raw)
+            yield line_number, text
+
+
+def _not_utf8(file: Path, position: int, line: int, byte: int) -> None:
+    raise UserError(
+        f"Data file '{file}' is not valid UTF-8: byte {position} (line {line}) is 0x{byte:02x}. "
+        f"Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
+    ) from None
 
 
 def _read_utf8(file: Path) -> str:
     raw = file.read_bytes()
     try:
-        return raw.decode("utf-8-sig")  # -sig: tolerate the byte order mark that Windows tools write
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"Data file '{file}' is not valid UTF-8: byte {e.start} (line {line}) is 0x{raw[e.start]:02x}. "
-            f"Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`."
-        ) from None
+        _not_utf8(file, e.start, raw[: e.start].count(b"\n") + 1, raw[e.start])
 
 
 def _json_loads(text: str) -> Any:
@@ -95,30 +145,93 @@ def _json_loads(text: str) -> Any:
         raise json.JSONDecodeError("nested too deeply to parse", text, 0) from None
 
 
-def _parse_jsonl(text: str, file: Path) -> _LoadedRows:
-    rows, locations = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+def _iter_jsonl(file: Path) -> RowStream:
+    name, count = str(file), 0
+    for line_number, line in _utf8_lines(file):
         if not line.strip():
             continue
         try:
             row = _json_loads(line)
         except json.JSONDecodeError as e:
             raise UserError(
-                f"Data file '{file}' line {line_number} is not valid JSON ({e.msg}, column {e.colno}). "
+                f"Data file '{name}' line {line_number} is not valid JSON ({e.msg}, column {e.colno}). "
                 f"Each line of a .jsonl file must be one complete JSON object; fix or delete that line."
             ) from None
-        where = f"'{file}' row {len(rows) + 1} (line {line_number})"
-        rows.append(_require_object(row, where))
-        locations.append(where)
-    return _LoadedRows(rows, locations)
+        count += 1
+        where = f"'{name}' row {count} (line {line_number})"
+        yield _require_object(row, where), where
 
 
-def _parse_json(text: str, file: Path) -> _LoadedRows:
+def _iter_json(file: Path) -> RowStream:
+    """A JSON array is streamed element by element; any other shape (an object holding the list, JSON lines in a
+    .json file) is read whole, as before."""
+    with open(file, encoding="utf-8-sig", errors="strict") as handle:
+        try:
+            head = handle.read(JSON_CHUNK)
+        except UnicodeDecodeError:
+            head = None
+        if head is not None and head.lstrip().startswith("["):
+            yield from _iter_json_array(file, handle, head)
+            return
+    yield from _parse_json(_read_utf8(file), file)
+
+
+def _iter_json_array(file: Path, handle, buffer: str) -> RowStream:
+    """The elements of a top-level JSON array, decoded one at a time from a growing-then-trimmed text buffer."""
+    decoder, name, count = json.JSONDecoder(), str(file), 0
+    position = buffer.index("[") + 1
+    while True:
+        buffer, position = _skip(buffer, position, handle, ",")
+        if position < len(buffer) and buffer[position] == "]":
+            return
+        while True:
+            try:
+                value, end = decoder.raw_decode(buffer, position)
+                break
+            except (json.JSONDecodeError, RecursionError):
+                more = _read_more(handle)
+                if not more:
+                    yield from _parse_json(_read_utf8(file), file)  # reports the error where it is
+                    return
+                buffer, position = buffer[position:] + more, 0
+        count += 1
+        where = f"'{name}' row {count}"
+        yield _require_object(value, where), where
+        position = end  # no copy per element: the buffer is trimmed only when more is read
+
+
+def _skip(buffer: str, position: int, handle, separator: str) -> tuple[str, int]:
+    """Move past whitespace and at most one separator, reading more of the file when the buffer runs out."""
+    seen_separator = False
+    while True:
+        while position < len(buffer) and (buffer[position].isspace() or
+                                           (buffer[position] == separator and not seen_separator)):
+            seen_separator = seen_separator or buffer[position] == separator
+            position += 1
+        if position < len(buffer):
+            return buffer, position
+        more = _read_more(handle)
+        if not more:
+            return buffer, position
+        buffer, position = more, 0
+
+
+def _read_more(handle) -> str:
+    try:
+        return handle.read(JSON_CHUNK)
+    except UnicodeDecodeError:
+        return ""  # the whole-file reader reports the offending byte
+
+
+def _parse_json(text: str, file: Path) -> RowStream:
+    if not text.strip():
+        return
     try:
         data = _json_loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file, as `datasets` allows
-            return _parse_jsonl(text, file)
+            yield from _iter_jsonl(file)
+            return
         raise UserError(
             f"Data file '{file}' is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
             f"Fix the file; it should hold a list of objects, or use one object a line in a .jsonl file."
@@ -130,36 +243,41 @@ def _parse_json(text: str, file: Path) -> _LoadedRows:
             f"Data file '{file}' holds a JSON {type(data).__name__}, not a list of examples. "
             f'Write the examples as a list of objects, e.g. [{{"text": "..."}}], or as a .jsonl file.'
         )
-    locations = [f"'{file}' row {i}" for i in range(1, len(data) + 1)]
-    rows = [_require_object(row, where) for row, where in zip(data, locations)]
-    return _LoadedRows(rows, locations)
+    for i, row in enumerate(data, start=1):
+        where = f"'{file}' row {i}"
+        yield _require_object(row, where), where
 
 
-def _parse_csv(text: str, file: Path) -> _LoadedRows:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = [{key: value for key, value in row.items() if key is not None} for row in reader]
-    return _LoadedRows(rows, [f"'{file}' row {i}" for i in range(1, len(rows) + 1)])
+def _iter_csv(file: Path) -> RowStream:
+    name = str(file)
+    lines = (text for _, text in _utf8_lines(file))
+    for i, row in enumerate(csv.DictReader(lines), start=1):
+        yield {key: value for key, value in row.items() if key is not None}, f"'{name}' row {i}"
 
 
-def _parse_txt(text: str, file: Path) -> _LoadedRows:
-    rows, locations = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            rows.append({"text": line})
-            locations.append(f"'{file}' row {len(rows)} (line {line_number})")
-    return _LoadedRows(rows, locations)
+def _iter_txt(file: Path) -> RowStream:
+    name, count = str(file), 0
+    for line_number, physical in _utf8_lines(file):
+        for line in physical.splitlines():  # as str.splitlines of the whole text: \r, \x0b, ... split too
+            if line.strip():
+                count += 1
+                yield {"text": line}, f"'{name}' row {count} (line {line_number})"
 
 
-def _read_parquet(file: Path) -> _LoadedRows:
+def _iter_parquet(file: Path) -> RowStream:
     import pyarrow.parquet as pq  # installed with `datasets`
 
+    name, count = str(file), 0
     try:
-        rows = pq.read_table(file).to_pylist()
+        batches = pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH)
+        for batch in batches:
+            for row in batch.to_pylist():
+                count += 1
+                yield row, f"'{name}' row {count}"
     except Exception as e:  # pyarrow raises several types for a damaged or non-parquet file
         raise UserError(
             f"Data file '{file}' could not be read as Parquet: {e}. Check that it is a Parquet file."
         ) from None
-    return _LoadedRows(rows, [f"'{file}' row {i}" for i in range(1, len(rows) + 1)])
 
 
 def _require_object(row: Any, where: str) -> dict:
@@ -171,7 +289,7 @@ def _require_object(row: Any, where: str) -> dict:
     return row
 
 
-def _load_folder(folder: Path, split: str) -> _LoadedRows:
+def _folder_files(folder: Path, split: str) -> list[Path]:
     files = sorted(
         f for f in folder.rglob("*")
         if f.is_file() and f.suffix.lower() in DATA_EXTENSIONS
@@ -192,15 +310,11 @@ def _load_folder(folder: Path, split: str) -> _LoadedRows:
             f"Data folder '{folder}' mixes data files of types {', '.join(extensions)}. Keep files of one type "
             f"in the folder, or point the data path at one file."
         )
-    merged = _LoadedRows([], [])
-    for file in files:
-        loaded = _load_file(file)
-        merged.rows.extend(loaded.rows)
-        merged.locations.extend(loaded.locations)
-    return merged
+    return files
 
 
-def _load_hub(name: str, split: str) -> _LoadedRows:
+def load_hub(name: str, split: str):
+    """The Hub dataset (a `datasets.Dataset`, memory-mapped Arrow in the HF cache)."""
     import datasets
 
     try:
@@ -213,7 +327,14 @@ def _load_hub(name: str, split: str) -> _LoadedRows:
             f"({type(e).__name__}: {e}). Check the path of the local file or folder, or the dataset name and "
             f"your network connection (and HF_TOKEN for gated datasets)."
         ) from None
-    rows = dataset.to_list()
-    if not rows:
+    if not len(dataset):
         raise UserError(f"Hub dataset '{name}' split '{split}' contains no examples. Choose another split.")
-    return _LoadedRows(rows, [f"Hub dataset '{name}' row {i}" for i in range(1, len(rows) + 1)])
+    return dataset
+
+
+def _iter_hub(name: str, split: str) -> RowStream:
+    dataset = load_hub(name, split)
+    for start in range(0, len(dataset), PARQUET_BATCH):
+        rows = dataset.select(range(start, min(start + PARQUET_BATCH, len(dataset)))).to_list()
+        for i, row in enumerate(rows, start=start + 1):
+            yield row, f"Hub dataset '{name}' row {i}"

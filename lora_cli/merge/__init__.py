@@ -16,10 +16,8 @@ private parts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +26,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapter_config import read_adapter_config
+from ..adapter_config import CONFIG_NAME, read_adapter_config
 from ..chat_templates import use_folder_template
 from ..errors import ModelNotFound, UserError
 from ..fsutil import atomic_dir, follow_link
 from ..inject import lora_layers, merge_lora
-from ..loading import ModelSource, base_source_of_adapter, load_model
 from ..model_files import weights_dtype
-from ..models import check_source, load_tokenizer, parse_dtype, stored_dtype
+from ..models import ModelSource, base_source_of_adapter, check_source, load_model, load_tokenizer, stored_dtype
+from ..precision import dtype_name, parse_dtype
 from . import output
 from .stream import PROBE_TOLERANCE, StreamPlan, plan_streaming, write_merged
 from .verify import LogitsCheck, VerifyCheck
@@ -92,7 +90,7 @@ def _check_finite_weights(model: nn.Module) -> None:
         if param.is_floating_point() and not torch.isfinite(param).all():
             hint = " float16 holds |x| <= 65504 only; use bfloat16." if param.dtype == torch.float16 else ""
             raise UserError(
-                f"The merged weight {name} has non-finite values (inf or NaN) in {str(param.dtype).split('.')[1]}; "
+                f"The merged weight {name} has non-finite values (inf or NaN) in {dtype_name(param.dtype)}; "
                 f"nothing was written.{hint}"
             )
 
@@ -264,7 +262,7 @@ def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adap
             raise
         # lora-train writes the base as its config gave it: a relative folder only resolves from where it ran
         raise UserError(
-            f"{err} The name '{source.name_or_path}' comes from {adapter_dir / 'adapter_config.json'} "
+            f"{err} The name '{source.name_or_path}' comes from {adapter_dir / CONFIG_NAME} "
             "(base_model_name_or_path, as the training config gave it; a relative folder is looked up from the "
             "current folder). Pass the base with --base MODEL."
         ) from None
@@ -273,11 +271,10 @@ def _named_by_adapter_hint(source: ModelSource, adapter_dir: Path, named_by_adap
 def _merge_streaming(plan: StreamPlan, tokenizer, result: MergeResult, adapter_config: dict, overwrite: bool,
                      log: Callable[[str], None]) -> MergeResult:
     output_dir, needed = result.output_dir, plan.total_bytes
-    if output.free_bytes(output_dir) < needed:
-        raise output.write_error(output_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
-    name = str(result.dtype).split(".")[1]
-    log(f"merging {result.base} shard by shard into {output_dir} ({name}): {len(plan.targets)} LoRA weights, "
-        f"{len(plan.entries)} tensors in {len(plan.shards)} file{'s' * (len(plan.shards) > 1)}")
+    output.check_free_space(output_dir, needed)
+    files = f"{len(plan.shards)} file{'s' * (len(plan.shards) > 1)}"
+    log(f"merging {result.base} shard by shard into {output_dir} ({dtype_name(result.dtype)}): "
+        f"{len(plan.targets)} LoRA weights, {len(plan.entries)} tensors in {files}")
     with output.write_errors_reported(output_dir, needed), atomic_dir(output_dir, overwrite=overwrite) as tmp:
         write_merged(plan, tmp)  # checks every tensor as it goes: a failure leaves nothing behind
         _write_side_files(tmp, tokenizer, adapter_config)
@@ -301,7 +298,7 @@ def _merge_in_memory(source: ModelSource, adapter_dir: Path, result: MergeResult
         result.adapter_effect = check.adapter_effect
         result.checks = check.after_merge(model, target_dtype, log)
 
-    log(f"writing {output_dir} ({str(target_dtype).split('.')[1]})")
+    log(f"writing {output_dir} ({dtype_name(target_dtype)})")
     save_merged(model, tokenizer, output_dir, overwrite=overwrite, dtype=target_dtype,
                 max_shard_size=shard_bytes, adapter_config=adapter_config)
     return result

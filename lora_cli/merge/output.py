@@ -4,15 +4,24 @@ a killed merge's leftovers removed, SIGTERM unwinding like Ctrl-C) and every fai
 from __future__ import annotations
 
 import contextlib
-import shutil
+import errno
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Callable
 
 from ..errors import Terminated, UserError
-from ..fsutil import (check_can_create, is_disk_full, is_within, lock_path_of, remove_stale_temp_dirs,
-                     take_lock)
+from ..fsutil import (
+    check_can_create,
+    free_bytes,
+    is_disk_full,
+    is_within,
+    lock_path_of,
+    remove_stale_temp_dirs,
+    size_text,
+    take_lock,
+)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, protected: list[Path] = ()) -> None:
@@ -64,23 +73,21 @@ class NewParentFolders(contextlib.AbstractContextManager):
         return False
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
-def free_bytes(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """Refuse before writing a merged model the disk cannot hold (when its free space is known)."""
+    free = free_bytes(out_dir)
+    if free is not None and free < needed:
+        raise write_error(out_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
 
 
 def write_error(out_dir: Path, err: Exception, needed: int) -> UserError:
     """The message for a failed write (the partial output is already gone: atomic_dir removed it)."""
     if is_disk_full(err, out_dir):
+        free = free_bytes(out_dir)
+        have = f" and {size_text(free)} are free" if free is not None else ""
         return UserError(
-            f"Not enough disk space for the merged model in {out_dir}: it needs about {_size(needed)} and "
-            f"{_size(free_bytes(out_dir))} are free. Free some space or choose another output folder; nothing "
-            "was written."
+            f"Not enough disk space for the merged model in {out_dir}: it needs about {size_text(needed)}{have}. "
+            "Free some space or choose another output folder; nothing was written."
         )
     return UserError(f"Writing the merged model to {out_dir} failed: {err}. Nothing was written.")
 

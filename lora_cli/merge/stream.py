@@ -14,18 +14,28 @@ model's, weight conversions) is merged by the in-memory path instead: `plan_stre
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..adapter import (BASE_LAYER, PREFIX, WEIGHTS_NAME, load_adapter, modified_copy_error, normalise_key,
-                      read_adapter_tensors, same_values)
+from ..adapter import (
+    BASE_LAYER,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    load_adapter,
+    modified_copy_error,
+    normalise_key,
+    read_adapter_tensors,
+    same_values,
+)
 from ..errors import UserError
 from ..inject import lora_layers
 from ..lora import merged_weight
 from ..model_files import check_weight_files
 from ..models import build_meta_model
+from ..precision import dtype_name
 from ..safetensors_io import SafetensorsFile, write_streaming
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -67,14 +77,7 @@ class StreamPlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(torch.empty(0, dtype=d).element_size() * _numel(s) for d, s in self.entries.values())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(dtype.itemsize * math.prod(shape) for dtype, shape in self.entries.values())
 
 
 # --- planning ------------------------------------------------------------------------------------------------
@@ -186,11 +189,11 @@ def _targets(model, adapter_dir: Path) -> dict[str, _Target]:
     tensors = {normalise_key(k): v for k, v in read_adapter_tensors(adapter_dir).items()}
     targets = {}
     for path, layer in lora_layers(model).items():
-        magnitude = tensors[f"{PREFIX}{path}.lora_magnitude_vector"] if layer.use_dora else None
-        copy_key = f"{PREFIX}{path}{BASE_LAYER}weight"
+        magnitude = tensors[f"{KEY_PREFIX}{path}.lora_magnitude_vector"] if layer.use_dora else None
+        copy_key = f"{KEY_PREFIX}{path}{BASE_LAYER}weight"
         copy = (copy_key, tensors[copy_key]) if copy_key in tensors else None
-        targets[f"{path}.weight"] = _Target(tensors[f"{PREFIX}{path}.lora_A.weight"],
-                                            tensors[f"{PREFIX}{path}.lora_B.weight"], layer.scaling,
+        targets[f"{path}.weight"] = _Target(tensors[f"{KEY_PREFIX}{path}.lora_A.weight"],
+                                            tensors[f"{KEY_PREFIX}{path}.lora_B.weight"], layer.scaling,
                                             layer.fan_in_fan_out, magnitude, copy, adapter_dir / WEIGHTS_NAME)
     return targets
 
@@ -217,7 +220,7 @@ def write_merged(plan: StreamPlan, folder: Path) -> None:
     if plan.index is not None:
         (folder / INDEX_NAME).write_text(json.dumps(plan.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     config = plan.config
-    config.dtype = str(plan.dtype).split(".")[1]
+    config.dtype = dtype_name(plan.dtype)
     config.architectures = [plan.model_class]
     if getattr(config, "use_cache", None) is False:  # a merged model is for inference: see merge.save_merged
         config.use_cache = True
@@ -250,7 +253,7 @@ def _produce(plan: StreamPlan, key: str) -> torch.Tensor:
         del merged
     if out.is_floating_point():
         hint = " float16 holds |x| <= 65504 only; use --dtype bfloat16." if dtype == torch.float16 else ""
-        _check_finite(key, out, f"in {str(dtype).split('.')[1]} it has", hint)
+        _check_finite(key, out, f"in {dtype_name(dtype)} it has", hint)
     return out
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..inject import set_lora_enabled
+from ..precision import dtype_name
 
 # A few fixed sentences of different kinds (prose, code, Q&A, numbers) for the verify batch.
 VERIFY_TEXTS = (
@@ -120,7 +121,7 @@ class LogitsCheck:
                               _tolerance(MERGE_TOLERANCE, reference))]
         if checks[0].ok and target_dtype != torch.float32:
             _round_weights_to(model, target_dtype)
-            name = str(target_dtype).split(".")[1]
+            name = dtype_name(target_dtype)
             checks.append(VerifyCheck(f"merged ({name} weights) vs base + adapter",
                                       _max_diff(_logits(model, ids, mask), reference),
                                       _tolerance(CAST_TOLERANCE[target_dtype], reference)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapter import PREFIX, save_adapter
+from ..adapter import KEY_PREFIX, save_adapter
 from ..config import Config, config_to_yaml
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, atomic_write_text, disk_full_message, is_disk_full
@@ -160,7 +160,7 @@ def load_lora_weights(model, tensors: dict) -> None:
     own = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():
-            own[key.removeprefix(PREFIX)].copy_(tensor)
+            own[key.removeprefix(KEY_PREFIX)].copy_(tensor)
 
 
 def load_best_weights(checkpoint: CheckpointInfo, best: CheckpointInfo | None) -> dict | None:
@@ -170,7 +170,7 @@ def load_best_weights(checkpoint: CheckpointInfo, best: CheckpointInfo | None) -
         return _load_tensors(checkpoint.path / BEST_NAME)
     if best is None:
         return None
-    return {k.removeprefix(PREFIX): v for k, v in _load_tensors(best.path / best.weights_name).items()}
+    return {k.removeprefix(KEY_PREFIX): v for k, v in _load_tensors(best.path / best.weights_name).items()}
 
 
 def load_rng_state(path: Path, rank: int) -> dict:

@@ -33,7 +33,7 @@ def evaluate(model, examples, pad_token_id: int, batch_size: int, accelerator) -
 def _sums(model, examples, pad_token_id: int, batch_size: int, accelerator) -> tuple[float, int]:
     """This process's share: (sum of token losses, trained tokens)."""
     total_loss, total_tokens = 0.0, 0
-    lengths = [len(ex.input_ids) for ex in examples]
+    lengths = data_lib.lengths_of(examples)
     order = sorted(range(len(examples)), key=lengths.__getitem__)
     order = order[accelerator.process_index :: accelerator.num_processes]
     for start in range(0, len(order), batch_size):

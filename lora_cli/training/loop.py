@@ -16,12 +16,12 @@ import torch
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
 from ..inject import lora_state_dict
-from ..models import fp16_risk
+from ..precision import fp16_risk
 from .checkpoint import load_lora_weights, save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
 from .layout import checkpoint_dir
-from .plan import collate, make_batches
+from .plan import collate, dropout_seed, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests
 from .state import Run
@@ -93,6 +93,9 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
             for group in groups:
                 # Every process collates the whole window (cheap) to count its trained tokens without a collective.
                 micro = [collate(bundle.train, plan, pad_id, packing, pad_multiple) for plan in group]
+                if cfg.lora.dropout:  # the masks follow the micro batch, whichever process trains it
+                    for j, batch in enumerate(micro):
+                        batch["dropout_seed"] = dropout_seed(t.seed, state.epoch, state.batch_in_epoch + j)
                 n_trained = sum(m["loss_index"].shape[0] for m in micro)
                 real_tokens = sum(len(bundle.train[i]) for plan in group for row in plan for i in row)
                 window_loss = accumulate_gradients(accelerator, run.loss_model, share_of_window(micro, world, rank),

@@ -19,7 +19,7 @@ def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
     Without packing every row holds one example and batches group similar lengths; with data.packing, rows are
     filled with several examples up to data.max_length tokens and a micro batch is micro_batch_size such rows.
     """
-    lengths = [len(ex.input_ids) for ex in examples]
+    lengths = data_lib.lengths_of(examples)
     t = cfg.train
     if cfg.data.packing:
         return data_lib.packed_batches(lengths, cfg.data.max_length, t.micro_batch_size, seed=t.seed, epoch=epoch)
@@ -46,6 +46,13 @@ def collate(examples, plan: list[list[int]], pad_id: int, packing: bool, pad_mul
     for observer in COLLATE_OBSERVERS:
         observer(rows, batch)
     return batch
+
+
+def dropout_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """The seed LoRA dropout draws one micro batch's masks from: a function of the micro batch (the run's seed, the
+    epoch, its place in the epoch), not of the process that trains it, so N processes draw the masks one process
+    draws with N times the gradient accumulation (and a resumed run the masks of the uninterrupted one)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch_index) % 2**63
 
 
 def total_steps(cfg: Config, batches_per_epoch: int, num_processes: int = 1) -> int:

@@ -14,8 +14,6 @@ snapshot.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -257,16 +255,3 @@ def check_resumable_run(checkpoint: CheckpointInfo, total_steps: int, num_proces
             "in all, fewer than it has already done. Raise train.max_steps or train.epochs to at least "
             f"{state.global_step}."
         )
-
-
-def data_fingerprint(*example_lists) -> str:
-    """A hash of the tokenized examples (ids and labels, in order): the training set, then the validation set (which
-    decides early stopping and the best adapter)."""
-    digest = hashlib.sha256()
-    for examples in example_lists:
-        digest.update(len(examples).to_bytes(8, "little"))
-        for example in examples:
-            digest.update(len(example.input_ids).to_bytes(4, "little"))
-            digest.update(array("q", example.input_ids).tobytes())
-            digest.update(array("q", example.labels).tobytes())
-    return digest.hexdigest()[:16]

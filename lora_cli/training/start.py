@@ -15,7 +15,7 @@ from . import trackers as trackers_lib
 from .checkpoint import load_best_weights, load_rng_state, load_training_state
 from .console import say_nothing
 from .metrics import MetricsSink
-from .resume import StartPlan, check_resumable_run, data_fingerprint, flat_config
+from .resume import StartPlan, check_resumable_run, flat_config
 from .rng import set_rng_state, untouched_rng
 from .state import Say, TrainState
 from .trackers import Trackers
@@ -35,7 +35,7 @@ def initial_state(cfg: Config, plan: StartPlan, model: PreTrainedModel, optimize
     """A fresh state, or the checkpoint's with its tensors (weights, optimizer, schedule, scaler) restored; and the
     best weights train.load_best_at_end keeps."""
     world = accelerator.num_processes
-    fingerprint = data_fingerprint(bundle.train, bundle.val)
+    fingerprint = bundle.fingerprint  # the cache key: the files' contents, the tokenizer, the data settings
     checkpoint = plan.checkpoint
     if checkpoint is None:
         started = datetime.now().astimezone()

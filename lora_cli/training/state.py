@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # types only: importing these here would load torch, transfor
 
     from ..config import Config
     from ..data import DataBundle
-    from ..models import PrecisionChoice
+    from ..precision import PrecisionChoice
     from .metrics import MetricsSink
     from .trackers import Trackers
 
@@ -60,11 +60,51 @@ class TrainState:
 
 @dataclass
 class TrainResult:
+    """What lora_cli.train returns: the published adapter folder and the run's final state."""
+
     output_dir: Path
     state: TrainState
     final_train_loss: float | None
     final_eval_loss: float | None
     merged_dir: Path | None = None
+
+    @classmethod
+    def from_saved_state(cls, output_dir: Path, state: dict, merged_dir: Path | None = None) -> "TrainResult":
+        """The result of a run that finished earlier, from the trainer_state.json it published in output_dir (its
+        final_train_loss is then the last logged loss, a mean over logging_steps, not the last step's own)."""
+        saved = TrainState.from_dict(state)
+        history = saved.log_history
+        train_loss = next((r["loss"] for r in reversed(history) if r.get("loss") is not None), None)
+        eval_loss = next((r["eval_loss"] for r in reversed(history) if r.get("eval_loss") is not None), None)
+        return cls(output_dir, saved, train_loss, eval_loss, merged_dir)
+
+    @property
+    def adapter_dir(self) -> Path:
+        """The adapter folder (PEFT format): lora-merge's and lora-generate --adapter's input."""
+        return self.output_dir
+
+    @property
+    def metrics(self) -> list[dict]:
+        """Every logged record, as in metrics.jsonl: {"step", "loss", "learning_rate", ...}, {"eval_loss", ...}."""
+        return self.state.log_history
+
+    @property
+    def samples(self) -> list[dict]:
+        """The answers to train.eval_prompts: {"step", "prompt", "answer"}, as in samples.jsonl."""
+        return self.state.samples
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of the lowest validation loss (None without validation data)."""
+        return self.state.best_step
+
+    @property
+    def best_eval_loss(self) -> float | None:
+        return self.state.best_eval_loss
 
 
 @dataclass
