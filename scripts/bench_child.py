@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+
 class StepClock:
     """End time of every optimizer step, applied or skipped, with the number of batches collated by then.
 

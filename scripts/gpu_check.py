@@ -102,7 +102,8 @@ def context(args) -> str:
 
 def smollm2(args) -> str:
     random_model(Path(args.out), SMOLLM2_135M, _device(), "float16" if _device() == "cuda" else "float32")
-    return f"- no models/SmolLM2-135M-Instruct here: built a random SmolLM2-135M-shaped model (the loss stays near ln(vocabulary)) ({args.out})"
+    return (f"- no models/SmolLM2-135M-Instruct here: built a random SmolLM2-135M-shaped model (the loss stays near "
+            f"ln(vocabulary)) ({args.out})")
 
 
 def _device() -> str:

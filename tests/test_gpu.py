@@ -624,10 +624,10 @@ def test_qlora_lora_grads_match_the_dequantized_reference_on_cuda(wide_model_dir
 def _packed_and_padded(dtype):
     """A grouped-query tiny model in `dtype` with fp32 LoRA, and the same five examples as a padded batch and as two
     packed rows (with the layout the training collate step makes), on the GPU."""
+    from helpers import examples
     from lora_cli import data
     from lora_cli.losses import loss_positions
     from lora_cli.packing import PackedLayout
-    from helpers import examples
 
     exs = examples([11, 4, 8, 6, 13])
     padded = data.collate(exs, pad_token_id=3)
@@ -692,9 +692,9 @@ def test_packed_rows_in_one_attention_call_per_layer_equal_the_padded_batch(dtyp
 def test_fused_adamw_on_cuda_matches_foreach_and_loads_its_state():
     """make_optimizer's fused AdamW on CUDA updates as foreach AdamW does (within fp32 rounding), and each loads
     the other's state_dict and goes on alike (a checkpoint written by either resumes in either)."""
-    from lora_cli.training.optim import make_optimizer
     from helpers import trainable
     from lora_cli.config import validate_config
+    from lora_cli.training.optim import make_optimizer
 
     cfg = validate_config({"model": {"name_or_path": "x"}, "data": {"path": "x"},
                            "train": {"learning_rate": 1e-2, "weight_decay": 0.01}})

@@ -21,10 +21,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import amp_emulation
+from helpers import make_config
 from lora_cli.config import load_config
 from lora_cli.train import train
 from lora_cli.training import loop
-from helpers import make_config
 
 READ_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 PEFT_TRAINER_READS = 8  # PEFT + Trainer, the same step of 2 micro batches (tiny Llama, fp32; counted in issue 21)
