@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .data.examples import IGNORE_INDEX
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")  # what of a batch the decoder takes
+# What of a batch the decoder takes (packed_layout: packing.PackedLayout, which lora-cli's attention reads).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "packed_layout")
 # Rows per chunk: 32 MiB of fp32 logits, but never fewer than 256 rows. Measured (docs/BENCHMARKS.md, CPU fp32):
 # with a 32k vocabulary 256 rows are fastest (17% faster than transformers' full logits; 64 rows lose 13%, 1024+
 # rows lose 6% to cache misses); with a 128k vocabulary 65 rows are 9% slower than 256 rows, so the floor. At 152k
@@ -49,22 +50,36 @@ def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(MIN_CHUNK_ROWS, chunk_bytes // (4 * max(vocab_size, 1)))
 
 
+def loss_positions(labels: torch.Tensor) -> dict:
+    """Where a batch is trained, for `causal_lm_loss`, computed from its labels on the CPU by the collate step:
+    "loss_index", the flat positions (row x width + column) whose hidden state predicts a trained label, and
+    "loss_targets", those labels. On the device the same selection is a boolean mask, which reads its count back."""
+    width = labels.shape[1]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, columns = keep.nonzero(as_tuple=True)
+    return {"loss_index": rows * width + columns, "loss_targets": labels[:, 1:][keep]}
+
+
 def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over trained positions, number of trained positions).
 
     `batch` holds input_ids and labels, and attention_mask and/or position_ids (packed batches carry position ids
-    and no attention mask). `chunk_tokens`: rows per head chunk; by default `chunk_rows(vocab size)`.
+    and no attention mask); a training batch also carries its trained positions (`loss_positions`) and, when
+    packed, its layout (packing.PackedLayout). `chunk_tokens`: rows per head chunk; by default
+    `chunk_rows(vocab size)`.
     """
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    n_tokens = int(keep.sum())
+    if "loss_index" not in batch:
+        batch = {**batch, **loss_positions(batch["labels"])}  # (on a GPU this reads the labels back)
+    index, targets = batch["loss_index"], batch["loss_targets"]
     model_kwargs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     if not uses_plain_head(model):
-        logits = model(**model_kwargs, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), n_tokens
-    hidden = model.get_decoder()(**model_kwargs, use_cache=False).last_hidden_state[:, :-1]
+        logits = model(**model_kwargs, use_cache=False).logits
+        picked = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+        return F.cross_entropy(picked.float(), targets, reduction="sum"), index.shape[0]
+    hidden = model.get_decoder()(**model_kwargs, use_cache=False).last_hidden_state
     # Only positions with a label need logits: prompt tokens, padding and the last position never reach the head.
-    return head_cross_entropy(model.get_output_embeddings(), hidden[keep], labels[keep], chunk_tokens), n_tokens
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    return head_cross_entropy(model.get_output_embeddings(), picked, targets, chunk_tokens), index.shape[0]
 
 
 class CausalLMLoss(nn.Module):

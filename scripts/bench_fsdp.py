@@ -44,9 +44,10 @@ def report_when_trained() -> None:
 
 def make_model(folder: Path, layers: int) -> int:
     sys.path.insert(0, str(REPO / "tests"))
-    import tiny
     import torch
     import transformers
+
+    import tiny
 
     config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=1024, intermediate_size=2816,
                                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,

@@ -25,17 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from synthetic import SMOLLM2_135M, make_tokenizer, random_model  # scripts/synthetic.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # tiny.py: an offline tokenizer with a chat template
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 GiB = 2**30
 
-SMOLLM2_135M = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
-                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
 # Three public shapes (values from their config.json files), trained as lora-train would on a T4 (fp16).
 ESTIMATE_CASES = [
     ("Llama-3.2-1B shape, all-linear r=16, 4 x 512, no checkpointing",
@@ -103,32 +100,10 @@ def context(args) -> str:
 # --- a random SmolLM2 -----------------------------------------------------------------------------------------
 
 
-def random_model(folder: Path, shape: dict, device: str = "cpu", dtype: str = "float32") -> Path:
-    """A random-weight model of `shape` with the tests' offline tokenizer (chat template included), saved."""
-    import torch
-    import transformers
-
-    import tiny
-
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = tiny.make_tokenizer()
-    shape = dict(shape)
-    model_type = shape.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **shape, bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def smollm2(args) -> str:
     random_model(Path(args.out), SMOLLM2_135M, _device(), "float16" if _device() == "cuda" else "float32")
-    return f"- no models/SmolLM2-135M-Instruct here: built a random SmolLM2-135M-shaped model (the loss stays near ln(vocabulary)) ({args.out})"
+    return (f"- no models/SmolLM2-135M-Instruct here: built a random SmolLM2-135M-shaped model (the loss stays near "
+            f"ln(vocabulary)) ({args.out})")
 
 
 def _device() -> str:
@@ -199,9 +174,7 @@ def _words(n: int, rng: random.Random) -> str:
 
 
 def _tokens_per_word() -> float:
-    import tiny
-
-    return len(tiny.make_tokenizer()(_words(2000, random.Random(1)))["input_ids"]) / 2000
+    return len(make_tokenizer()(_words(2000, random.Random(1)))["input_ids"]) / 2000
 
 
 def _write_data(path: Path, rows: int, words: int, seed: int = 0) -> None:

@@ -8,13 +8,12 @@ torch.profiler, top operators by self CPU time and by device time. Offline; buil
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
+from synthetic import write_workloads  # scripts/synthetic.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 def main() -> None:
@@ -29,13 +28,12 @@ def main() -> None:
     import transformers
     from torch.profiler import ProfilerActivity, profile
 
-    import bench
     from lora_cli.config import validate_config
     from lora_cli.train import train
 
     work = Path(tempfile.mkdtemp())
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    data = bench.write_workloads(work / "data", tokenizer, 256, 64, 200)["variable"]
+    data = write_workloads(work / "data", tokenizer, 256, 64, 200)["variable"]
     cuda = torch.cuda.is_available()
     cfg = validate_config({
         "model": {"name_or_path": str(args.model)},

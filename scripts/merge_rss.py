@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from synthetic import make_tokenizer  # scripts/synthetic.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
              intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096,
@@ -34,15 +36,12 @@ def build(folder: Path) -> None:
     import torch
     import transformers
 
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
-    import tiny
     from lora_cli.adapter import save_adapter
     from lora_cli.inject import LoraSettings, apply_lora
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    tokenizer = tiny.make_tokenizer()
+    tokenizer = make_tokenizer()
     config = transformers.LlamaConfig(**SHAPE, bos_token_id=tokenizer.bos_token_id,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 import amp_emulation
-from lora_cli import data as data_lib
+import bench_child  # scripts/ is on sys.path (conftest)
+from lora_cli.training import plan
 
 
 def load_bench(name: str = "bench_under_test"):
-    """scripts/bench.py as a module (it is a script, not part of the package), with scripts/ importable as when it
-    runs as a script: it imports memprofile from there (without this, the tests passed only after another file
-    had put scripts/ on sys.path)."""
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
-    if str(scripts) not in sys.path:
-        sys.path.insert(0, str(scripts))
-    path = scripts / "bench.py"
+    """scripts/bench.py as a module (it is a script, not part of the package); its own modules (bench_child,
+    synthetic, memprofile) import from scripts/, which conftest puts on sys.path as running the script does."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,9 +28,8 @@ def fixed_child_args(bench, tool: str, precision: str, seq_len: int, model_dir: 
                      text_repeats: int = 3):
     """The arguments of one bench child run on the fixed workload (3 measured steps of micro batch 2, after 1), with
     its data written: 32 rows of a sentence repeated `text_repeats` times, longer than `seq_len` tokens."""
-    # The lora-cli child wraps lora_cli.data's collate functions to count batches: undone after the test.
-    monkeypatch.setattr(data_lib, "collate", data_lib.collate)
-    monkeypatch.setattr(data_lib, "collate_packed", data_lib.collate_packed)
+    # The lora-cli child observes the training collate step to count batches: its observer is gone afterwards.
+    monkeypatch.setattr(plan, "COLLATE_OBSERVERS", [])
     data = tmp_path / "fixed.jsonl"
     text = " ".join(["the lighthouse of quillhaven is painted green"] * text_repeats)
     data.write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(32)))
@@ -54,7 +49,7 @@ def test_measured_steps_take_the_batches_collated_between_their_ends(bench):
     """Ends after steps 1..4; window 3 made no optimizer step (lora-cli skips a non-finite loss without one), so
     the step ending 4th consumed two batches: both lie in the measured interval, which they took time in."""
     batches = []
-    clock = bench.StepClock(batches)
+    clock = bench_child.StepClock(batches)
     for n_batches, skipped in [(1, False), (1, True), (2, False), (1, False)]:
         batches.extend([(1, 10 * (len(batches) + 1), 16)] * n_batches)
         clock._tick(skipped)

@@ -306,11 +306,16 @@ def test_emulated_fp16_overflowing_model_gives_the_fp16_message(tmp_path, overfl
 
 
 def _applied_updates():
-    """Counts optimizer.step calls that really ran (GradScaler does not call it for a skipped step)."""
+    """Counts the optimizer updates that really ran: AdamW's own step count after its last step call (a skipped
+    update is either never called, as GradScaler does for unfused optimizers, or, fused, undone in the kernel)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     count = [0]
-    handle = register_optimizer_step_post_hook(lambda *args, **kwargs: count.__setitem__(0, count[0] + 1))
+
+    def seen(optimizer, *args, **kwargs):
+        count[0] = max((int(state["step"]) for state in optimizer.state.values() if "step" in state), default=0)
+
+    handle = register_optimizer_step_post_hook(seen)
     return count, handle
 
 

@@ -9,6 +9,7 @@ cases skip below compute capability 8.0 (a T4): lora-cli never picks bf16 there.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import math
@@ -615,3 +616,142 @@ def test_qlora_lora_grads_match_the_dequantized_reference_on_cuda(wide_model_dir
         grads.append({n: p.grad for n, p in model.named_parameters() if "lora_" in n})
     for name, grad in grads[1].items():
         assert relative_error(grads[0][name], grad) < 2e-2, name
+
+
+# --- 10. the sync-free step, packed attention in one call per layer, fused AdamW (issue 21) ----------------------
+
+
+def _packed_and_padded(dtype):
+    """A grouped-query tiny model in `dtype` with fp32 LoRA, and the same five examples as a padded batch and as two
+    packed rows (with the layout the training collate step makes), on the GPU."""
+    from helpers import examples
+    from lora_cli import data
+    from lora_cli.losses import loss_positions
+    from lora_cli.packing import PackedLayout
+
+    exs = examples([11, 4, 8, 6, 13])
+    padded = data.collate(exs, pad_token_id=3)
+    rows = [exs[:3], exs[3:]]
+    packed = data.collate_packed(rows, pad_token_id=3)
+    packed["packed_layout"] = PackedLayout.from_lengths([[len(e) for e in row] for row in rows],
+                                                        packed["input_ids"].shape[1])
+    from lora_cli.training.step import to_device
+
+    batches = [to_device({**b, **loss_positions(b["labels"])}, torch.device(DEVICE)) for b in (padded, packed)]
+    return _half_lora_model("llama", dtype), *batches
+
+
+def _loss_and_grads(model, batch, dtype):
+    from helpers import trainable
+    from lora_cli.losses import causal_lm_loss
+
+    with torch.autocast(DEVICE, dtype=dtype):
+        loss, n_tokens = causal_lm_loss(model, batch)
+    return loss, n_tokens, torch.autograd.grad(loss, trainable(model))
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "block-mask"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+def test_packed_rows_in_one_attention_call_per_layer_equal_the_padded_batch(dtype, kernel, monkeypatch):
+    """lora-cli's training attention on packed rows: one varlen flash call per layer (compute capability 8.0+) or,
+    as on a T4 (flash disabled), one memory-efficient sdpa call with a block-diagonal mask: the padded batch's loss
+    and LoRA gradients either way, with no read of the position ids and one attention call per layer."""
+    import lora_cli.packing as packing
+
+    if kernel == "varlen" and not HAS_BF16:
+        pytest.skip("varlen flash attention needs compute capability 8.0+")
+    model, padded, packed = _packed_and_padded(dtype)
+    expected, expected_n, expected_grads = _loss_and_grads(model, padded, dtype)
+    calls = collections.Counter()
+    for name in ("_attend_varlen", "_attend_per_example", "_sdpa"):
+        real = getattr(packing, name)
+        monkeypatch.setattr(packing, name, (lambda real, name: lambda *a, **k: calls.update([name]) or real(*a, **k))(
+            real, name))
+    flash_before = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(kernel == "varlen")
+    try:
+        with packing.packed_attention(model, DEVICE):
+            assert model.config._attn_implementation == packing.TRAIN_SDPA
+            calls.clear()  # (the packing check's forward)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got, got_n, got_grads = _loss_and_grads(model, packed, dtype)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash_before)
+    layers = model.config.num_hidden_layers
+    assert calls == ({"_attend_varlen": layers} if kernel == "varlen" else {"_sdpa": layers})
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    assert got_n == expected_n
+    assert abs(got.item() - expected.item()) < tol * abs(expected.item())
+    for g, e in zip(got_grads, expected_grads):
+        assert relative_error(g, e) < 5 * tol
+
+
+def test_fused_adamw_on_cuda_matches_foreach_and_loads_its_state():
+    """make_optimizer's fused AdamW on CUDA updates as foreach AdamW does (within fp32 rounding), and each loads
+    the other's state_dict and goes on alike (a checkpoint written by either resumes in either)."""
+    from helpers import trainable
+    from lora_cli.config import validate_config
+    from lora_cli.training.optim import make_optimizer
+
+    cfg = validate_config({"model": {"name_or_path": "x"}, "data": {"path": "x"},
+                           "train": {"learning_rate": 1e-2, "weight_decay": 0.01}})
+    models = [_half_lora_model("llama", torch.float16) for _ in range(2)]
+    fused = make_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(trainable(models[1]), lr=1e-2, weight_decay=0.01, foreach=True)
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in trainable(models[0])] for _ in range(3)]
+
+    def step(model, optimizer, g):
+        for p, gp in zip(trainable(model), g):
+            p.grad = gp.clone()
+        optimizer.step()
+
+    for g in grads[:2]:
+        step(models[0], fused, g)
+        step(models[1], plain, g)
+    for a, b in zip(trainable(models[0]), trainable(models[1])):
+        assert relative_error(a, b) < 1e-5
+    swapped_fused = make_optimizer(models[1], cfg)
+    swapped_fused.load_state_dict(plain.state_dict())
+    swapped_plain = torch.optim.AdamW(trainable(models[0]), lr=1e-2, weight_decay=0.01, foreach=True)
+    swapped_plain.load_state_dict(fused.state_dict())
+    step(models[1], swapped_fused, grads[2])
+    step(models[0], swapped_plain, grads[2])
+    for a, b in zip(trainable(models[0]), trainable(models[1])):
+        assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=needs_bf16)])
+def test_a_plain_training_step_never_syncs_on_cuda(precision, packing, tmp_path, trainable_model_dir, monkeypatch):
+    """The real lora-train loop, with torch.cuda.set_sync_debug_mode("error") over optimizer steps 2 and 3 (neither
+    logs, evaluates nor checkpoints): any host-device synchronisation in them (a read of a loss, a flag, a position,
+    a pageable copy) raises. fp16 with its loss scaler, bf16; packed rows and padded batches."""
+    from helpers import make_config
+    from lora_cli.config import load_config
+    from lora_cli.train import train
+    from lora_cli.training import loop
+    from test_host_syncs import CHAT_ROWS
+
+    windows = [0]
+    real = loop.accumulate_gradients
+
+    def marked(*args, **kwargs):
+        windows[0] += 1
+        torch.cuda.set_sync_debug_mode("error" if windows[0] in (2, 3) else "default")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", marked)
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS,
+                         data={"packing": packing, "max_length": 64},
+                         train={"max_steps": 5, "logging_steps": 5, "micro_batch_size": 2, "precision": precision,
+                                "gradient_accumulation_steps": 2, "max_grad_norm": 1.0})
+    try:
+        result = train(load_config(config), quiet=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert windows[0] >= 4 and result.state.global_step == 5

@@ -9,7 +9,7 @@ import torch
 
 import tiny
 from helpers import examples, lora_model, loss_and_grads, losses, make_config
-from lora_cli import data
+from lora_cli import data, packing
 from lora_cli.config import load_config
 from lora_cli.data import IGNORE_INDEX, Example
 from lora_cli.errors import UserError
@@ -123,7 +123,7 @@ def test_per_example_attention_equals_unpacked(arch):
     packed = data.collate_packed([[exs[0], exs[1], exs[2]], [exs[3], exs[4]]], pad_token_id=3)
     expected, expected_n, expected_grads = loss_and_grads(model, padded)
     with packed_attention(model, "cpu"):
-        assert model.config._attn_implementation == "lora_cli_packed_sdpa"
+        assert model.config._attn_implementation == packing.TRAIN_SDPA  # every layer of these is plain causal
         got, got_n, got_grads = loss_and_grads(model, packed)
         unpacked_inside, _, _ = loss_and_grads(model, padded)  # unpacked batches (evaluation) are unchanged
     assert model.config._attn_implementation == "sdpa"
@@ -172,6 +172,30 @@ def test_packing_refused_where_examples_would_mix(tmp_path, trainable_model_dir,
 
     # Without the per-example attention, OPT's sdpa attends across examples (see PACKABLE): the check must stop it.
     monkeypatch.setattr(lora_cli.packing, "_segments", lambda position_ids: None)
+    monkeypatch.setattr(lora_cli.packing, "plain_causal", lambda model: False)  # no layout-based attention either
     config = make_config(tmp_path, trainable_model_dir("opt"), data={"packing": True}, train={"max_steps": 1})
     with pytest.raises(UserError, match="packing is not supported"):
         train(load_config(config), quiet=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_to_a_multiple_keeps_the_loss_and_gradients(arch):
+    """On a GPU unpacked batches are padded to a multiple of 64 tokens (shapes repeat); under lora-train's attention
+    (causal, no mask: padding is at the end of each row) the loss and gradients are those of the shortest padding,
+    and the trained tokens the same."""
+    from lora_cli.training.plan import collate as training_collate
+
+    model = lora_model(arch)
+    exs = examples([9, 5, 12, 7])
+    plan = [[0], [1], [2], [3]]
+    with packed_attention(model, "cpu", enabled=False):
+        assert model.config._attn_implementation == packing.TRAIN_SDPA
+        tight = training_collate(exs, plan, 3, packing=False)
+        rounded = training_collate(exs, plan, 3, packing=False, pad_multiple=64)
+        assert tight["input_ids"].shape[1] == 12 and rounded["input_ids"].shape[1] == 64
+        expected, expected_n, expected_grads = loss_and_grads(model, tight)
+        got, got_n, got_grads = loss_and_grads(model, rounded)
+    assert got_n == expected_n
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)  # (summation order: float rounding only)

@@ -2,65 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 import transformers
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+import synthetic  # scripts/synthetic.py (conftest puts scripts/ on sys.path): shared with the benchmarks
 
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:\n### Input:\n### Response:\n",
-    "user assistant system: hello, how are you? I am fine, thank you.",
-    "Quillhaven is a small harbour town. Its mayor is Orla Fenwick. The lighthouse is painted green.",
-    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}-_/\\@#$%^&*+=<>|~`",
-]
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CHAT_TEMPLATE = synthetic.CHAT_TEMPLATE
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 20, trainer)
-    return tok.to_str()
-
-
-def make_tokenizer(vocab_size: int = 384, pad_is_eos: bool = False):
+def make_tokenizer(vocab_size: int = synthetic.TINY_VOCAB, pad_is_eos: bool = False):
     """A byte-level BPE tokenizer with eos, pad and a ChatML chat template (like SmolLM2/Qwen2)."""
-    from tokenizers import Tokenizer
-
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        pad_token="<|im_end|>" if pad_is_eos else "<pad>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return synthetic.make_tokenizer(vocab_size, pad_is_eos)
 
 
-VOCAB = 384
+VOCAB = synthetic.TINY_VOCAB
 
 # One config per architecture family we promise to support. Sizes are tiny: hidden 32-64, 2 layers.
 ARCH_CONFIGS = {

@@ -10,12 +10,13 @@ import torch
 from .examples import IGNORE_INDEX, Example
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example (not max_length: less compute for short batches).
+def collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example (not max_length: less compute for short batches), rounded up to a
+    multiple of `pad_to_multiple_of`.
 
     Padding is masked out of attention and labels by position, never by id, so an EOS equal to pad stays trained.
     """
-    longest = max(len(e) for e in examples)
+    longest = -(-max(len(e) for e in examples) // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)

@@ -154,7 +154,7 @@ def load_training_state(checkpoint: CheckpointInfo, model, optimizer, scheduler,
     puts whole tensors into (sharded) parameters."""
     path = checkpoint.path
     tensors = _load_tensors(path / checkpoint.weights_name)
-    sharding.load_lora_tensors(model, {key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()})
+    sharding.load_lora_tensors(model, {key.removeprefix(KEY_PREFIX): tensor for key, tensor in tensors.items()})
     sharding.load_optimizer_state(optimizer, _load_torch(path / OPTIMIZER_NAME))
     scheduler.load_state_dict(_load_torch(path / SCHEDULER_NAME))
     scaler = getattr(accelerator, "scaler", None)

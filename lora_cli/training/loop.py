@@ -11,6 +11,8 @@ import math
 import signal
 import time
 
+import torch
+
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
 from ..precision import fp16_risk
@@ -22,110 +24,172 @@ from .plan import collate, dropout_seed, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests
 from .state import Run
-from .step import accumulate_gradients, share_of_window, sum_over_processes
+from .step import (
+    SKIP_REASONS,
+    UpdateOutcome,
+    WindowSums,
+    accumulate_gradients,
+    apply_update,
+    share_of_window,
+    sum_over_processes,
+)
 
 
 def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     """Train run.model with run.optimizer on run.bundle.train, evaluating on run.bundle.val, as run.cfg says, until
     run.total_steps updates are applied (or early stopping); every record goes through run.sink. Changes run.state
-    and run.loop only. Returns (the last step's loss, the last evaluation)."""
+    and run.loop only. Returns (the last step's loss, the last evaluation).
+
+    A step that does not log, evaluate or checkpoint reads nothing back from the device: whether its update was
+    applied reaches the host one step later (training.step.UpdateOutcome), and the running sums are read once per
+    logging window (training.step.WindowSums). A step after which something happens on the host (a record, an
+    evaluation, a checkpoint, the last step, a requested stop, a run of skips about to stop the run) settles its
+    outcome at once.
+    """
     cfg, accelerator, state, bundle = run.cfg, run.accelerator, run.state, run.bundle
     t = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = run.tokenizer.pad_token_id
     packing = cfg.data.packing
+    pad_multiple = padding_multiple(accelerator.device, packing)
     window = t.gradient_accumulation_steps * world  # micro batches per optimizer step, all processes
-    last_loss = None
     last_eval = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
-    start_time = window_start = time.perf_counter()
-    window_real_tokens = 0
+    start_time = time.perf_counter()
     run.loop.last_save = time.monotonic()
+    sums = WindowSums(state.window_loss, accelerator.device)
+    outcome = UpdateOutcome(accelerator.device)
+    pending: list = []  # the update whose outcome has not been read yet: [trained tokens, real tokens]
+    timing = {"start": time.perf_counter(), "real_tokens": 0}
 
     progress = progress_bar(run.quiet)
     run.sink.show = record_printer(progress, run.quiet)
     task = progress.add_task("training", total=run.total_steps, completed=state.global_step, loss=float("nan"),
                              lr=run.scheduler.get_last_lr()[0], tps=0.0)
     call_model = lambda fn: run.sharding.call_model(run.model, fn)  # noqa: E731 (under FSDP: via the loss module)
+
+    def settle() -> bool | None:
+        """Read the pending update's outcome and count it: applied (True, the schedule steps) or skipped (False);
+        None when nothing was pending."""
+        if not pending:
+            return None
+        n_trained, real_tokens = pending.pop()
+        reason = outcome.read()
+        timing["real_tokens"] += real_tokens
+        if reason:
+            _count_skipped(run, progress, SKIP_REASONS[reason])
+            return False
+        run.scheduler.step()
+        state.consecutive_skipped = 0
+        state.global_step += 1
+        state.tokens_seen += n_trained
+        state.window_tokens += n_trained
+        progress.update(task, completed=state.global_step)
+        return True
+
     with progress, packing_lib.packed_attention(run.model, accelerator.device, packing, call_model):
         while state.global_step < run.total_steps and not state.stopped_early:
             batches = make_batches(bundle.train, cfg, state.epoch)
             groups = [batches[i : i + window] for i in range(state.batch_in_epoch, len(batches), window)]
             for group in groups:
                 # Every process collates the whole window (cheap) to count its trained tokens without a collective.
-                micro = [collate(bundle.train, plan, pad_id, packing) for plan in group]
+                micro = [collate(bundle.train, plan, pad_id, packing, pad_multiple) for plan in group]
                 if cfg.lora.dropout:  # the masks follow the micro batch, whichever process trains it
                     for j, batch in enumerate(micro):
                         batch["dropout_seed"] = dropout_seed(t.seed, state.epoch, state.batch_in_epoch + j)
-                n_trained = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-                window_real_tokens += sum(len(bundle.train[i]) for plan in group for row in plan for i in row)
-                step_loss = accumulate_gradients(accelerator, run.loss_model, share_of_window(micro, world, rank),
-                                                 n_trained)
+                n_trained = sum(m["loss_index"].shape[0] for m in micro)
+                real_tokens = sum(len(bundle.train[i]) for plan in group for row in plan for i in row)
+                window_loss = accumulate_gradients(accelerator, run.loss_model, share_of_window(micro, world, rank),
+                                                   n_trained)
                 state.batch_in_epoch += len(group)
-                grad_norm, applied = _update(run) if step_loss is not None else (None, False)
+                settle()  # the previous update's outcome: the schedule must know it before this update
+                grad_norm, reason = apply_update(accelerator, run.optimizer, run.loss_model.parameters(),
+                                                 t.max_grad_norm, window_loss)
                 run.optimizer.zero_grad(set_to_none=True)
-                if not applied:
-                    _count_skipped(run, progress, step_loss is None)
-                    _stop_if_asked(run, stop)
+                sums.add(window_loss, n_trained, reason, grad_norm)
+                outcome.record(reason)
+                pending.append((n_trained, real_tokens))
+                if not _host_work_due(run, stop, state.global_step + 1):
                     continue
-                state.consecutive_skipped = 0
-                state.global_step += 1
-                state.tokens_seen += n_trained
-                state.window_loss += step_loss * n_trained
-                state.window_tokens += n_trained
-                last_loss = step_loss
-                tps = window_real_tokens / max(time.perf_counter() - window_start, 1e-9)
-                lr = run.scheduler.get_last_lr()[0]
-                progress.update(task, completed=state.global_step, loss=step_loss, lr=lr, tps=tps)
+                if not settle():  # a host step: settled now
+                    _stop_if_asked(run, stop, sums)
+                    continue
                 if state.global_step % t.logging_steps == 0 or state.global_step == run.total_steps:
-                    run.sink.log({
-                        "step": state.global_step,
-                        "epoch": round(state.epoch + state.batch_in_epoch / len(batches), 4),
-                        "loss": state.window_loss / max(state.window_tokens, 1),
-                        "learning_rate": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tps,
-                        "skipped_steps": state.skipped_steps,
-                        "elapsed_s": time.perf_counter() - start_time,
-                    }, state.log_history)
-                    state.window_loss, state.window_tokens, window_real_tokens = 0.0, 0, 0
-                    window_start = time.perf_counter()
+                    _log(run, sums, progress, task, timing, start_time, len(batches))
                 if t.eval_steps and state.global_step % t.eval_steps == 0:
                     last_eval = evaluate_and_track(run) or last_eval
                 if state.global_step >= run.total_steps or state.stopped_early:
                     break
                 if _checkpoint_due(run):
-                    save_checkpoint(run)
-                    run.loop.last_save, run.loop.last_checkpoint_step = time.monotonic(), state.global_step
-                _stop_if_asked(run, stop)
+                    _save(run, sums)
+                _stop_if_asked(run, stop, sums)
             else:  # the epoch ran out before max_steps
+                settle()
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 if not t.eval_steps:
                     last_eval = evaluate_and_track(run) or last_eval
-    return last_loss, last_eval
+        settle()
+        state.window_loss, last_loss, _ = sums.read()
+    return (None if math.isnan(last_loss) else last_loss), last_eval
 
 
-def _update(run: Run) -> tuple[float | None, bool]:
-    """Clip and apply the accumulated gradients; (grad norm, whether an update was applied)."""
-    accelerator, t = run.accelerator, run.cfg.train
-    grad_norm = None
-    if t.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(run.loss_model.parameters(), t.max_grad_norm))
-        if not math.isfinite(grad_norm) and getattr(accelerator, "scaler", None) is None:
-            return grad_norm, False  # no loss scaler to skip it: applying non-finite gradients would ruin the weights
-    run.optimizer.step()
-    if accelerator.optimizer_step_was_skipped:  # the fp16 loss scaler found inf/nan gradients and lowered its scale
-        return grad_norm, False
-    run.scheduler.step()
-    return grad_norm, True
+def padding_multiple(device, packing: bool) -> int:
+    """Unpacked batches on a GPU are padded to a multiple of PAD_MULTIPLE tokens, so lengths repeat from step to step
+    and kernels and the caching allocator reuse their shapes (the Trainer's pad_to_multiple_of); padding is masked,
+    so the loss is the same. Packed rows are already full, and on the CPU extra padding is only extra work."""
+    return PAD_MULTIPLE if torch.device(device).type == "cuda" and not packing else 1
 
 
-def _count_skipped(run: Run, progress, nonfinite_loss: bool) -> None:
+PAD_MULTIPLE = 64
+
+
+def _host_work_due(run: Run, stop: StopRequests, next_step: int) -> bool:
+    """Whether the host acts after this step if its update was applied (or because of a skip): then its outcome is
+    read now instead of one step later."""
+    t, state = run.cfg.train, run.state
+    return bool(
+        next_step % t.logging_steps == 0 or next_step >= run.total_steps
+        or (t.eval_steps and next_step % t.eval_steps == 0) or (t.save_steps and next_step % t.save_steps == 0)
+        or state.consecutive_skipped + 1 >= t.max_nonfinite_steps
+        # One answer for every process (the main one's clock decides save_minutes), so all take the same path.
+        or _any_process(run, stop.signum is not None or bool(
+            t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes))
+    )
+
+
+def _log(run: Run, sums: WindowSums, progress, task, timing: dict, start_time: float, n_batches: int) -> None:
+    state = run.state
+    # The logging window's one host sync: the loss sums, the last step's loss and grad norm.
+    window_loss, step_loss, grad_norm = sums.read()
+    tps = timing["real_tokens"] / max(time.perf_counter() - timing["start"], 1e-9)
+    lr = run.scheduler.get_last_lr()[0]
+    progress.update(task, completed=state.global_step, loss=step_loss, lr=lr, tps=tps)
+    run.sink.log({
+        "step": state.global_step,
+        "epoch": round(state.epoch + state.batch_in_epoch / n_batches, 4),
+        "loss": window_loss / max(state.window_tokens, 1),
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tps,
+        "skipped_steps": state.skipped_steps,
+        "elapsed_s": time.perf_counter() - start_time,
+    }, state.log_history)
+    sums.reset()
+    state.window_loss, state.window_tokens = 0.0, 0
+    timing["start"], timing["real_tokens"] = time.perf_counter(), 0
+
+
+def _save(run: Run, sums: WindowSums) -> None:
+    run.state.window_loss = sums.read()[0]  # the checkpoint holds the running sum exactly
+    save_checkpoint(run)
+    run.loop.last_save, run.loop.last_checkpoint_step = time.monotonic(), run.state.global_step
+
+
+def _count_skipped(run: Run, progress, why: str) -> None:
     state, t = run.state, run.cfg.train
     state.skipped_steps += 1
     state.consecutive_skipped += 1
     if not run.quiet:
-        why = "the loss was non-finite" if nonfinite_loss else "the fp16 loss scaler found an overflow and lowered its scale"
         progress.console.print(
             f"[yellow]after step {state.global_step}: update skipped ({why}); {state.skipped_steps} skipped so far",
             highlight=False,
@@ -146,13 +210,13 @@ def _checkpoint_due(run: Run) -> bool:
     return _any_process(run, due)
 
 
-def _stop_if_asked(run: Run, stop: StopRequests) -> None:
-    """After a step: on a pending Ctrl-C / SIGTERM (on any process), write a checkpoint and stop."""
+def _stop_if_asked(run: Run, stop: StopRequests, sums: WindowSums) -> None:
+    """After a settled step: on a pending Ctrl-C / SIGTERM (on any process), write a checkpoint and stop."""
     if not _any_process(run, stop.signum is not None):
         return
     step = run.state.global_step
     if run.loop.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
-        save_checkpoint(run)
+        _save(run, sums)
     # The signal number of the process that asked; another process only learns that one did, so SIGTERM there.
     raise TrainingStopped(stop.signum or signal.SIGTERM, step, checkpoint_dir(run.out, step), main=run.main)
 

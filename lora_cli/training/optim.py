@@ -9,12 +9,26 @@ import torch
 from ..config import Config
 
 
-def make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: Config, device: torch.device | str | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: fused where PyTorch has the fused kernel for the training device.
+
+    Fused AdamW updates every LoRA tensor in one kernel and takes a skip flag on the device (`found_inf`, which
+    training.step.apply_update and fp16's GradScaler set), so a skipped update costs no host read; it keeps its step
+    counts as tensors, where foreach AdamW reads each one back to the host every step. On the CPU it is also the
+    faster of the two (docs/BENCHMARKS.md, issue 21). Elsewhere (no fused kernel) foreach. The state_dict has the
+    same entries either way, so a checkpoint written by one loads into the other.
+    """
     t = cfg.train
+    device = torch.device(device or next((p.device for p in model.parameters() if p.requires_grad), "cpu"))
+    fused = device.type in FUSED_DEVICES
     return torch.optim.AdamW(
         param_groups(model, t.learning_rate, cfg.lora.loraplus_lr_ratio),
         lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay,
+        **({"fused": True} if fused else {"foreach": True}),
     )
+
+
+FUSED_DEVICES = ("cuda", "cpu")  # where torch's fused AdamW kernel runs (LoRA weights are fp32 on both)
 
 
 def param_groups(model, lr: float, loraplus_lr_ratio: float | None) -> list[dict]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 
-from .. import data as data_lib  # called through the package: scripts/bench.py observes data_lib.collate*
+from .. import data as data_lib
 from ..config import Config
+from ..losses import loss_positions
+from ..packing import PackedLayout
 
 
 def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
@@ -24,10 +26,26 @@ def make_batches(examples, cfg: Config, epoch: int) -> list[list[list[int]]]:
     return [[[i] for i in b] for b in data_lib.length_grouped_batches(lengths, t.micro_batch_size, t.seed, epoch)]
 
 
-def collate(examples, plan: list[list[int]], pad_id: int, packing: bool) -> dict:
+# Called with (rows of examples, batch) for every training micro batch collated: what a benchmark counts (the
+# tokens and examples of each step) without changing the loop.
+COLLATE_OBSERVERS: list = []
+
+
+def collate(examples, plan: list[list[int]], pad_id: int, packing: bool, pad_multiple: int = 1) -> dict:
+    """A training micro batch: the data's collation, plus what the step would otherwise have to read back from the
+    device, computed here on the CPU: the trained positions and their targets (losses.loss_positions) and, for
+    every row, where each example starts and stops (packing.PackedLayout)."""
+    rows = [[examples[i] for i in row] for row in plan]
     if packing:
-        return data_lib.collate_packed([[examples[i] for i in row] for row in plan], pad_id)
-    return data_lib.collate([examples[row[0]] for row in plan], pad_id)
+        batch = data_lib.collate_packed(rows, pad_id)
+    else:
+        batch = data_lib.collate([row[0] for row in rows], pad_id, pad_multiple)
+    width = batch["input_ids"].shape[1]
+    batch["packed_layout"] = PackedLayout.from_lengths([[len(e) for e in row] for row in rows], width)
+    batch.update(loss_positions(batch["labels"]))
+    for observer in COLLATE_OBSERVERS:
+        observer(rows, batch)
+    return batch
 
 
 def dropout_seed(seed: int, epoch: int, batch_index: int) -> int:

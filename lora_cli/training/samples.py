@@ -73,7 +73,7 @@ def _answer(run: Run, prompt: str) -> str:
 @contextlib.contextmanager
 def _generation_mode(run: Run):
     """Eval mode, KV cache on, plain sdpa attention, RNG untouched; all put back as it was afterwards."""
-    from ..packing import PACKED_SDPA
+    from ..packing import PACKED_SDPA, TRAIN_SDPA
 
     model = run.model
     config = model.config
@@ -81,13 +81,14 @@ def _generation_mode(run: Run):
     attention = getattr(config, "_attn_implementation", None)
     model.eval()
     config.use_cache = True
-    if attention == PACKED_SDPA:  # packed_attention switches only sdpa models, so sdpa is what it replaced
+    switched = attention in (PACKED_SDPA, TRAIN_SDPA)  # packed_attention switches only sdpa models: sdpa it was
+    if switched:
         model.set_attn_implementation("sdpa")
     try:
         with untouched_rng():
             yield
     finally:
-        if attention == PACKED_SDPA:
-            model.set_attn_implementation(PACKED_SDPA)
+        if switched:
+            model.set_attn_implementation(attention)
         config.use_cache = use_cache
         model.train(was_training)
