@@ -7,7 +7,8 @@
 Builds a random Llama-shaped model in a temporary folder, then runs lora-train on it three ways: one process, two
 DDP processes (torchrun), two FSDP processes (torchrun, train.fsdp=true), alternating when repeated. Each process
 reports, when training has ended (before the final save), its peak RSS so far (VmHWM) and its RSS then (VmRSS), and
-lora-train's FSDP line gives the parameter bytes each process holds. On CPU the model's memory is the process's RAM, so RSS is what a GPU's memory
+lora-train's FSDP line gives the parameter bytes each process holds. On CPU the model's memory is the process's RAM,
+so RSS is what a GPU's memory
 would be; process 0 of an FSDP run reads the whole model from disk (CPU-RAM-efficient loading: the others receive
 their shards from it), so its peak holds the whole base once while loading.
 """

@@ -180,7 +180,8 @@ def print_table(results: list[dict], tolerance: float) -> None:
         parts = r["parts"]
         detail = (f"{(r['estimated']) / 2**20:.1f} ({parts['activations'] / 2**20:.1f} + "
                   f"{parts['output head + loss'] / 2**20:.1f} + {parts['LoRA gradients'] / 2**20:.1f})")
-        print(f"| {i} | {r['name']} | {r['layers']} x {r['hidden']} / {r['intermediate']}, {r['heads']}/{r['kv_heads']} "
+        shape = f"{r['layers']} x {r['hidden']} / {r['intermediate']}, {r['heads']}/{r['kv_heads']}"
+        print(f"| {i} | {r['name']} | {shape} "
               f"| {r['vocab'] // 1000}k | {r['micro_batch']} x {r['seq_len']} | {'on' if r['packing'] else 'off'} | "
               f"{'on' if r['checkpointing'] else 'off'} | {r['mode']} | r={r['r']} {r['targets']} | {r['attn']} | "
               f"{detail} | {r['measured'] / 2**20:.1f} | {r['error']:+.1%} |")

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check lora_cli tests scripts  # lint (E, F, I; pyproject.toml [tool.ruff])
 .venv/bin/python -m pytest -q "$@"

@@ -161,7 +161,9 @@ BAD_CONFIGS = {
     "targets comma string": (minimal(lora={"target_modules": "q,v"}), "lora.target_modules", "write it as [q_proj"),
     "targets bad regex": (minimal(lora={"target_modules": "(q"}), "lora.target_modules", "not a valid regex"),
     "eval without val data": (minimal(train={"eval_steps": 10}), "train.eval_steps", "set data.val_size"),
-    "tracker as number": (minimal(train={"report_to": 5}), "train.report_to", "a list of trackers such as [tensorboard]"),
+    "tracker as number": (
+        minimal(train={"report_to": 5}), "train.report_to", "a list of trackers such as [tensorboard]"
+    ),
     "resume path empty": (minimal(train={"resume_from_checkpoint": ""}), "train.resume_from_checkpoint",
                           "must not be empty"),
     "patience without val data": (minimal(train={"early_stopping_patience": 2}), "train.early_stopping_patience",

@@ -242,7 +242,8 @@ def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, trainable_mode
                          train={"max_steps": 3, "micro_batch_size": 2, "output_dir": str(tmp_path / "out")})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-                           "-m", "lora_cli", "train", str(config)], capture_output=True, text=True, env=env, timeout=300)
+                           "-m", "lora_cli", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FSDP: the model's weights sharded over 2 processes" in " ".join(done.stderr.split())
     assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2, 3]

@@ -172,7 +172,8 @@ def test_all_linear_excludes_the_output_head(arch):
 
 def test_layers_to_transform_filters():
     model = tiny.make_model("llama")
-    assert paths(model, layers_to_transform=[1]) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    expected = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert paths(model, layers_to_transform=[1]) == expected
     assert len(paths(model, layers_to_transform=[0, 1])) == 4
     gpt2 = tiny.make_model("gpt2")
     assert paths(gpt2, target_modules="all-linear", layers_to_transform=[0]) == [

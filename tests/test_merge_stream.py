@@ -180,7 +180,8 @@ def test_a_base_whose_index_names_the_wrong_shard_still_streams(tmp_path):
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     key = "model.layers.0.mlp.down_proj.weight"
-    index["weight_map"][key] = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][key] = next(f for f in shards if f != index["weight_map"][key])
     index_path.write_text(json.dumps(index))
     adapter = make_our_adapter(base_dir, tmp_path / "adapter", target_modules="all-linear")
     streamed, in_memory = merge_both_ways(adapter, tmp_path, "--base", str(sharded))

@@ -122,7 +122,8 @@ def test_4bit_logits_equal_the_dequantized_model_and_are_near_fp32(model_dir, ar
     assert 0.03 < spread < 0.2, spread
 
 
-@pytest.mark.parametrize("capability,compute", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
+@pytest.mark.parametrize("capability,compute",
+                         [((7, 5), torch.float16), ((8, 0), torch.bfloat16), (None, torch.float32)])
 def test_the_4bit_layers_compute_in_the_training_precision_on_its_device(capability, compute):
     from lora_cli.precision import base_quantization, choose_precision
     from lora_cli.quantization import quantization_kwargs
@@ -359,7 +360,8 @@ def test_lora_train_with_a_4bit_base_learns_and_writes_a_normal_adapter(tmp_path
     # train.merge_at_end runs the same merge from the base on disk: the same unquantized merged model.
     from safetensors.torch import load_file
 
-    at_end, by_hand = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    at_end = load_file(out / "merged" / "model.safetensors")
+    by_hand = load_file(tmp_path / "merged" / "model.safetensors")
     assert at_end.keys() == by_hand.keys() and all(torch.equal(at_end[k], by_hand[k]) for k in at_end)
 
 

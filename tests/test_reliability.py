@@ -205,7 +205,8 @@ def test_a_config_json_size_of_0_is_named_by_every_command(tiny_model_dir, tmp_p
             load(str(base))
         assert expected in str(err.value)
     (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
-    (tmp_path / "config.yaml").write_text(f"model: {{name_or_path: {base}}}\ndata: {{path: {tmp_path / 'data.jsonl'}}}\n"
+    (tmp_path / "config.yaml").write_text(f"model: {{name_or_path: {base}}}\n"
+                                          f"data: {{path: {tmp_path / 'data.jsonl'}}}\n"
                                           f"train: {{output_dir: {tmp_path / 'out'}}}\n")
     result = CliRunner().invoke(train_app, [str(tmp_path / "config.yaml")])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output

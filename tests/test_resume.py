@@ -97,7 +97,8 @@ def test_max_steps_may_grow_on_resume(tmp_path, trainable_model_dir):
 
 
 def test_a_new_length_on_resume_says_the_schedule_is_replanned(tmp_path, trainable_model_dir):
-    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train={"max_steps": 4, "save_steps": 2})
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS,
+                         train={"max_steps": 4, "save_steps": 2})
     assert runner.invoke(train_app, [str(config)]).exit_code == 0
     shorter = runner.invoke(train_app, [str(config), "train.max_steps=1", "train.resume_from_checkpoint="
                                         f"{tmp_path / 'out' / 'checkpoint-2'}"])
@@ -290,7 +291,8 @@ def test_resume_refuses_changed_validation_data(tmp_path, trainable_model_dir):
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_note(tmp_path, trainable_model_dir):
-    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS, train={"max_steps": 6, "save_steps": 2})
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=CHAT_ROWS,
+                         train={"max_steps": 6, "save_steps": 2})
     train(load_config(config), quiet=True)
     cut = tmp_path / "cut"
     cut.mkdir()

@@ -83,7 +83,8 @@ def test_checkpoints_eval_and_limit(tmp_path, trainable_model_dir):
 
 
 def test_gradient_checkpointing_still_trains(tmp_path, trainable_model_dir):
-    config = make_config(tmp_path, trainable_model_dir("llama"), train={"gradient_checkpointing": True, "max_steps": 15})
+    config = make_config(tmp_path, trainable_model_dir("llama"),
+                         train={"gradient_checkpointing": True, "max_steps": 15})
     train(load_config(config), quiet=True)
     curve = losses(tmp_path / "out")
     assert curve[-1] < 0.8 * curve[0]
