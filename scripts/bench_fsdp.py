@@ -30,7 +30,9 @@ MARK = "BENCH_FSDP_RSS "
 
 def report_when_trained() -> None:
     """In a worker: print this process's peak RSS and its RSS when training ends (before the final save)."""
-    import lora_cli.train as train_module
+    import importlib
+
+    train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
 
     finish = train_module.finish
 
