@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_VOCAB = 384
-_TINY_CORPUS = [
+TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction:\n### Input:\n### Response:\n",
@@ -76,7 +76,7 @@ def wrap_tokenizer(tok, pad_is_eos: bool = False):
 
 @functools.lru_cache(maxsize=None)
 def _tiny_tokenizer_json(vocab_size: int) -> str:
-    return train_bpe(_TINY_CORPUS * 20, vocab_size).to_str()
+    return train_bpe(TINY_CORPUS * 20, vocab_size).to_str()
 
 
 def make_tokenizer(vocab_size: int = TINY_VOCAB, pad_is_eos: bool = False):

@@ -352,7 +352,7 @@ def _sentencepiece_base(folder: Path) -> Path:
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    backend.train_from_iterator(tiny._CORPUS * 20, trainers.BpeTrainer(vocab_size=tiny.VOCAB, special_tokens=specials,
+    backend.train_from_iterator(tiny.CORPUS * 20, trainers.BpeTrainer(vocab_size=tiny.VOCAB, special_tokens=specials,
                                                                        show_progress=False))
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                                      unk_token="<unk>")

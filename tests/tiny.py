@@ -10,6 +10,7 @@ import transformers
 import synthetic  # scripts/synthetic.py (conftest puts scripts/ on sys.path): shared with the benchmarks
 
 CHAT_TEMPLATE = synthetic.CHAT_TEMPLATE
+CORPUS = synthetic.TINY_CORPUS  # the text the tiny tokenizers are trained on
 
 
 def make_tokenizer(vocab_size: int = synthetic.TINY_VOCAB, pad_is_eos: bool = False):
