@@ -214,7 +214,7 @@ def test_old_entries_are_bounded(tmp_path, tiny_model_dir, tokenizer):
 KILLED_WRITER = """
 import sys
 from pathlib import Path
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {scripts!r}]  # tiny.py, and the synthetic.py it builds its tokenizer from
 import tiny
 from lora_cli import data
 from lora_cli.config import load_config
@@ -227,7 +227,8 @@ print("finished", flush=True)
 def test_a_tokenization_killed_by_sigkill_leaves_nothing_trusted(tmp_path, tiny_model_dir, tokenizer):
     rows = [{"text": f"row {i} " + "the lighthouse is green and tall " * 20} for i in range(60_000)]
     cfg_path = make_config(tmp_path, tiny_model_dir(), rows=rows, data={"max_length": 32})
-    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), config=str(cfg_path))
+    tests = Path(__file__).parent
+    script = KILLED_WRITER.format(tests=str(tests), scripts=str(tests.parent / "scripts"), config=str(cfg_path))
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     root = tmp_path / cache.DEFAULT_CACHE_NAME
     try:
