@@ -260,3 +260,14 @@ def test_nonfinite_gradient_norms_in_a_row_stop_the_run(tmp_path, trainable_mode
     text = " ".join(result.output.split())
     assert "3 updates in a row were skipped" in text and "gradient norm was non-finite" in text
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_the_loss_sums_kept_on_the_device_hold_no_autograd_graph(tmp_path, trainable_model_dir, monkeypatch):
+    """The window's loss sum stays on the device for a whole logging window: were it still attached to the step's
+    graph, every step's graph (and what its nodes hold) would stay alive until the next record (seen as peak RSS
+    growing by ~90 MB a step on the benchmark's 35M model)."""
+    returned = []
+    real = loop.accumulate_gradients
+    monkeypatch.setattr(loop, "accumulate_gradients", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
+    train(_config(tmp_path, trainable_model_dir("llama"), packing=False), quiet=True)
+    assert len(returned) == 4 and not any(t.requires_grad or t.grad_fn is not None for t in returned)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import transformers
 
-import synthetic  # scripts/synthetic.py (conftest puts scripts/ on sys.path): shared with the benchmarks
+# scripts/synthetic.py, shared with the benchmarks: importable wherever tiny is (a test's child process too).
+_SCRIPTS = str(Path(__file__).resolve().parent.parent / "scripts")
+if _SCRIPTS not in sys.path:
+    sys.path.insert(0, _SCRIPTS)
+import synthetic  # noqa: E402
 
 CHAT_TEMPLATE = synthetic.CHAT_TEMPLATE
 CORPUS = synthetic.TINY_CORPUS  # the text the tiny tokenizers are trained on

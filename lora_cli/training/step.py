@@ -89,8 +89,8 @@ def accumulate_gradients(accelerator, loss_model, mine: list[tuple[dict, float]]
                 loss_sum, _ = loss_model(**batch)
             if loss_sum.requires_grad:  # (a loss that reached no trainable weight has nothing to propagate)
                 accelerator.backward(loss_sum * (scale * weight))
-        if weight:
-            window_sum = window_sum + loss_sum.double() * weight
+        if weight:  # detached: a sum that kept each step's autograd graph alive would hold its memory
+            window_sum = window_sum + loss_sum.detach().double() * weight
     if accelerator.num_processes > 1:  # a collective on the device: every process gets the same sum and verdict
         window_sum = accelerator.reduce(window_sum, reduction="sum")
     return window_sum
