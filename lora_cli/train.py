@@ -101,38 +101,41 @@ def train(cfg: Config, dry_run: bool = False, quiet: bool = False, gpu: str | No
     Raises TrainingStopped after Ctrl-C / SIGTERM: the checkpoint it wrote resumes with resume_from_checkpoint=auto.
     """
     with contextlib.ExitStack() as cleanup:  # releases the output_dir lock and ends the trackers however it ends
-        run = setup(cfg, dry_run, quiet, cleanup, gpu)
-        if run is None:
+        started = setup(cfg, dry_run, quiet, cleanup, gpu)
+        if started is None:
             return None
-        cleanup.callback(_release, run)
+        run, loop = started
+        cleanup.callback(_release, run, loop)
         several = run.accelerator.num_processes > 1
         with StopRequests(run.say, several_processes=several) as stop, attention_kernels():
             try:
-                last_loss, last_eval = fit(run, stop)
+                last_loss, last_eval = fit(run, loop, stop)
             except TrainingStopped as stopped:
                 run.trackers.end()
-                print_summary(run, None, stopped_at=stopped.checkpoint)
+                print_summary(run, loop, None, stopped_at=stopped.checkpoint)
                 raise
-            result = finish(run, last_loss, last_eval)
+            result = finish(run, loop, last_loss, last_eval)
     if stop.signum is not None:  # the signal came during the final save, which completed
-        raise TrainingStopped(stop.signum, run.state.global_step, run.out, finished=True, main=run.main)
+        raise TrainingStopped(stop.signum, loop.state.global_step, run.out, finished=True, main=run.main)
     return result
 
 
-def _release(run: Run) -> None:
+def _release(run: Run, loop: LoopState) -> None:
     """Let go of the model, optimizer and data when train() returns or fails, so their (GPU) memory is free at once:
     a notebook that trains twice must not hold the first model until Python's cycle collector happens to run."""
     run.accelerator.free_memory()  # Accelerate's own references to the prepared objects
-    # The one place fields of a Run are reassigned: the run is over, whatever still holds it (a traceback).
-    run.model = run.loss_model = run.optimizer = run.scheduler = run.loop.best_weights = None
+    run.release()  # the run is over, whatever still holds it (a traceback)
+    loop.best_weights = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack, gpu: str | None = None) -> Run | None:
+def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack,
+          gpu: str | None = None) -> tuple[Run, LoopState] | None:
     """Everything before the first step: where to start, precision, Accelerate, model, LoRA, data, optimizer, and
-    for a resumed run every state the checkpoint holds."""
+    for a resumed run every state the checkpoint holds. The Run (fixed from here on) and the LoopState fit starts
+    from; None for a dry run or a run already finished."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -184,11 +187,12 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
                                       sharding)
     run_trackers, sink = start.start_logging(accelerator, cfg, out, state, say, cleanup)
     start.restore_rng(plan, accelerator)  # last: nothing after this draws from the generators before the loop
-    return Run(cfg=cfg, accelerator=accelerator, precision=precision, tokenizer=tokenizer, model=model,
-               loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, bundle=bundle,
-               target_modules=report.target_modules, out=out, total_steps=steps, start_step=state.global_step,
-               started=started, quiet=quiet, say=say, sink=sink, trackers=run_trackers, prompts=prompts,
-               state=state, loop=LoopState(best_weights=best), sharding=sharding)
+    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, tokenizer=tokenizer, model=model,
+              loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, bundle=bundle,
+              target_modules=report.target_modules, out=out, total_steps=steps, start_step=state.global_step,
+              started=started, quiet=quiet, say=say, sink=sink, trackers=run_trackers, prompts=prompts,
+              sharding=sharding)
+    return run, LoopState(state, best_weights=best)
 
 
 def _describe(cfg: Config, precision: PrecisionChoice, model, report, bundle, say, main: bool) -> None:

@@ -40,12 +40,12 @@ def signature(folder: Path) -> tuple | None:
 
 
 def captured_run(tmp_path, model_dir, monkeypatch, **train_section):
-    """Train for real but stop before the final save; return (run, finish arguments)."""
+    """Train for real but stop before the final save; return (run, finish's other arguments: loop state, losses)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = make_config(tmp_path, model_dir, lora={"alpha": 8}, train={"max_steps": 3, **train_section})
     captured = {}
     monkeypatch.setattr(train_module, "finish", lambda run, *args: captured.update(run=run, args=args))
-    monkeypatch.setattr(train_module, "_release", lambda run: None)  # keep the model: the save runs later
+    monkeypatch.setattr(train_module, "_release", lambda run, loop: None)  # keep the model: the save runs later
     train(load_config(config), quiet=True)
     monkeypatch.undo()
     return captured["run"], captured["args"]
@@ -162,14 +162,14 @@ def test_kill_during_the_final_save_leaves_old_or_new(tmp_path, trainable_model_
 
 
 def test_kill_during_a_checkpoint_save_leaves_complete_checkpoints(tmp_path, trainable_model_dir, monkeypatch):
-    run, _ = captured_run(tmp_path, trainable_model_dir("llama"), monkeypatch, save_steps=1)
+    run, (loop, *_) = captured_run(tmp_path, trainable_model_dir("llama"), monkeypatch, save_steps=1)
     out = run.out
     template = tmp_path / "template"
     shutil.copytree(out, template)
-    run.state.global_step = 7  # write a new checkpoint-7 beside checkpoint-1 and -2
+    loop.state.global_step = 7  # write a new checkpoint-7 beside checkpoint-1 and -2
 
     def save() -> None:
-        save_checkpoint(run)
+        save_checkpoint(run, loop)
 
     restore(template, out)
     total = count_calls(save)

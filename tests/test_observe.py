@@ -220,7 +220,7 @@ def test_trackers_are_ended_when_the_run_fails(tmp_path, tiny_model_dir, monkeyp
 
     ended = []
     monkeypatch.setattr(trackers_lib.Trackers, "end", lambda self: ended.append(True))
-    monkeypatch.setattr(train_module, "fit", lambda run, stop: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(train_module, "fit", lambda run, loop, stop: (_ for _ in ()).throw(RuntimeError("boom")))
     config = make_config(tmp_path, tiny_model_dir("llama"), train={"report_to": ["tensorboard"]})
     with pytest.raises(RuntimeError, match="boom"):
         train(load_config(config), quiet=True)

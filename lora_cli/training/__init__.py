@@ -1,6 +1,6 @@
 """The training side of lora-train, one job per module; `lora_cli.train.train` wires them: setup -> fit -> finish.
 
-state.py       what setup fixes (Run), where the run is (TrainState), what the loop keeps besides (LoopState)
+state.py       what setup fixes (Run, frozen), what the loop changes (LoopState, holding TrainState), the result
 plan.py        the epoch's micro batches and the number of optimizer steps
 optim.py       optimizer (with LoRA+ groups) and learning-rate schedule
 step.py        one optimizer step's forward and backward, on one process or several; attention kernels

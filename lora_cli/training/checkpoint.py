@@ -36,7 +36,7 @@ from .layout import (
 from .plot import title_for, write_loss_plot
 from .rng import rng_state
 from .snapshot import CheckpointInfo, list_checkpoints
-from .state import Run, TrainState
+from .state import LoopState, Run, TrainState
 
 
 def save_adapter_folder(folder: Path, model, tokenizer, cfg: Config, target_modules, state: TrainState | None,
@@ -59,7 +59,7 @@ def write_state(folder: Path, state: TrainState) -> None:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run) -> Path | None:
+def save_checkpoint(run: Run, loop: LoopState) -> Path | None:
     """Write checkpoint-<global_step>/ (main process; every process calls this: RNG states are gathered) and prune
     the run's older checkpoints beyond train.save_total_limit."""
     rng_states = gather_rng_states(run)
@@ -67,20 +67,21 @@ def save_checkpoint(run: Run) -> Path | None:
     lora_tensors, optimizer_state = run.sharding.lora_tensors(run.model), run.sharding.optimizer_state(run.optimizer)
     if not run.main:
         return None
-    final = checkpoint_dir(run.out, run.state.global_step)
+    state = loop.state
+    final = checkpoint_dir(run.out, state.global_step)
     try:
         with atomic_dir(final, overwrite=True) as tmp:
-            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, run.state, lora_tensors)
-            save_resume_state(tmp, run, rng_states, optimizer_state)
-            title = title_for(run.cfg.model.name_or_path, run.cfg.data.describe_path(), run.state.run_name)
-            write_loss_plot(run.state.log_history, tmp / PLOT_NAME, title, warn=run.say)
+            save_adapter_folder(tmp, run.model, run.tokenizer, run.cfg, run.target_modules, state, lora_tensors)
+            save_resume_state(tmp, run, loop, rng_states, optimizer_state)
+            title = title_for(run.cfg.model.name_or_path, run.cfg.data.describe_path(), state.run_name)
+            write_loss_plot(state.log_history, tmp / PLOT_NAME, title, warn=run.say)
     except Exception as err:  # safetensors, tokenizers and torch raise their own types for a full disk
         if is_disk_full(err, run.out):
             raise UserError(disk_full_message(f"checkpoint {final.name}", run.out, checkpoint_bytes(run.model))
                             + " Earlier checkpoints are intact; resume from them with "
                             "train.resume_from_checkpoint=auto.") from None
         raise
-    prune_checkpoints(run.out, run.cfg.train.save_total_limit, run.state.run_id, lambda m: run.say(m, markup=False))
+    prune_checkpoints(run.out, run.cfg.train.save_total_limit, state.run_id, lambda m: run.say(m, markup=False))
     return final
 
 
@@ -89,7 +90,7 @@ def gather_rng_states(run: Run) -> list:
     return _gather(run.accelerator, rng_state())
 
 
-def save_resume_state(folder: Path, run: Run, rng_states: list, optimizer_state: dict,
+def save_resume_state(folder: Path, run: Run, loop: LoopState, rng_states: list, optimizer_state: dict,
                       last_weights: dict | None = None) -> None:
     """What a continuation needs besides the adapter folder: optimizer (its state_dict, gathered whole under FSDP:
     Sharding.optimizer_state), schedule, loss scaler, RNG, best weights; `last_weights` when the folder's adapter is
@@ -100,8 +101,8 @@ def save_resume_state(folder: Path, run: Run, rng_states: list, optimizer_state:
     if scaler is not None:
         _save_torch(folder / SCALER_NAME, scaler.state_dict())
     _save_torch(folder / RNG_NAME, rng_states)
-    if run.loop.best_weights is not None:
-        _save_tensors(folder / BEST_NAME, run.loop.best_weights)
+    if loop.best_weights is not None:
+        _save_tensors(folder / BEST_NAME, loop.best_weights)
     if last_weights is not None:
         _save_tensors(folder / LAST_NAME, last_weights)
 

@@ -23,7 +23,7 @@ from .layout import checkpoint_dir
 from .plan import collate, dropout_seed, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests
-from .state import Run
+from .state import LoopState, Run, TrainState
 from .step import (
     SKIP_REASONS,
     UpdateOutcome,
@@ -35,10 +35,11 @@ from .step import (
 )
 
 
-def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
+def fit(run: Run, loop: LoopState, stop: StopRequests) -> tuple[float | None, dict | None]:
     """Train run.model with run.optimizer on run.bundle.train, evaluating on run.bundle.val, as run.cfg says, until
-    run.total_steps updates are applied (or early stopping); every record goes through run.sink. Changes run.state
-    and run.loop only. Returns (the last step's loss, the last evaluation).
+    run.total_steps updates are applied (or early stopping); every record goes through run.sink. `run` is what setup
+    fixed (frozen); `loop` is all fit changes (loop.state: step counters, data position, window sums, best, history),
+    and `stop` tells it a Ctrl-C / SIGTERM came. Returns (the last step's loss, the last evaluation).
 
     A step that does not log, evaluate or checkpoint reads nothing back from the device: whether its update was
     applied reaches the host one step later (training.step.UpdateOutcome), and the running sums are read once per
@@ -46,7 +47,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     evaluation, a checkpoint, the last step, a requested stop, a run of skips about to stop the run) settles its
     outcome at once.
     """
-    cfg, accelerator, state, bundle = run.cfg, run.accelerator, run.state, run.bundle
+    cfg, accelerator, state, bundle = run.cfg, run.accelerator, loop.state, run.bundle
     t = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = run.tokenizer.pad_token_id
@@ -55,7 +56,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
     window = t.gradient_accumulation_steps * world  # micro batches per optimizer step, all processes
     last_eval = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
     start_time = time.perf_counter()
-    run.loop.last_save = time.monotonic()
+    loop.last_save = time.monotonic()
     sums = WindowSums(state.window_loss, accelerator.device)
     outcome = UpdateOutcome(accelerator.device)
     pending: list = []  # the update whose outcome has not been read yet: [trained tokens, real tokens]
@@ -76,7 +77,7 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
         reason = outcome.read()
         timing["real_tokens"] += real_tokens
         if reason:
-            _count_skipped(run, progress, SKIP_REASONS[reason])
+            _count_skipped(run, state, progress, SKIP_REASONS[reason])
             return False
         run.scheduler.step()
         state.consecutive_skipped = 0
@@ -108,26 +109,26 @@ def fit(run: Run, stop: StopRequests) -> tuple[float | None, dict | None]:
                 sums.add(window_loss, n_trained, reason, grad_norm)
                 outcome.record(reason)
                 pending.append((n_trained, real_tokens))
-                if not _host_work_due(run, stop, state.global_step + 1):
+                if not _host_work_due(run, loop, stop, state.global_step + 1):
                     continue
                 if not settle():  # a host step: settled now
-                    _stop_if_asked(run, stop, sums)
+                    _stop_if_asked(run, loop, stop, sums)
                     continue
                 if state.global_step % t.logging_steps == 0 or state.global_step == run.total_steps:
-                    _log(run, sums, progress, task, timing, start_time, len(batches))
+                    _log(run, state, sums, progress, task, timing, start_time, len(batches))
                 if t.eval_steps and state.global_step % t.eval_steps == 0:
-                    last_eval = evaluate_and_track(run) or last_eval
+                    last_eval = evaluate_and_track(run, loop) or last_eval
                 if state.global_step >= run.total_steps or state.stopped_early:
                     break
-                if _checkpoint_due(run):
-                    _save(run, sums)
-                _stop_if_asked(run, stop, sums)
+                if _checkpoint_due(run, loop):
+                    _save(run, loop, sums)
+                _stop_if_asked(run, loop, stop, sums)
             else:  # the epoch ran out before max_steps
                 settle()
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 if not t.eval_steps:
-                    last_eval = evaluate_and_track(run) or last_eval
+                    last_eval = evaluate_and_track(run, loop) or last_eval
         settle()
         state.window_loss, last_loss, _ = sums.read()
     return (None if math.isnan(last_loss) else last_loss), last_eval
@@ -143,22 +144,22 @@ def padding_multiple(device, packing: bool) -> int:
 PAD_MULTIPLE = 64
 
 
-def _host_work_due(run: Run, stop: StopRequests, next_step: int) -> bool:
+def _host_work_due(run: Run, loop: LoopState, stop: StopRequests, next_step: int) -> bool:
     """Whether the host acts after this step if its update was applied (or because of a skip): then its outcome is
     read now instead of one step later."""
-    t, state = run.cfg.train, run.state
+    t, state = run.cfg.train, loop.state
     return bool(
         next_step % t.logging_steps == 0 or next_step >= run.total_steps
         or (t.eval_steps and next_step % t.eval_steps == 0) or (t.save_steps and next_step % t.save_steps == 0)
         or state.consecutive_skipped + 1 >= t.max_nonfinite_steps
         # One answer for every process (the main one's clock decides save_minutes), so all take the same path.
         or _any_process(run, stop.signum is not None or bool(
-            t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes))
+            t.save_minutes and run.main and time.monotonic() - loop.last_save >= 60 * t.save_minutes))
     )
 
 
-def _log(run: Run, sums: WindowSums, progress, task, timing: dict, start_time: float, n_batches: int) -> None:
-    state = run.state
+def _log(run: Run, state: TrainState, sums: WindowSums, progress, task, timing: dict, start_time: float,
+         n_batches: int) -> None:
     # The logging window's one host sync: the loss sums, the last step's loss and grad norm.
     window_loss, step_loss, grad_norm = sums.read()
     tps = timing["real_tokens"] / max(time.perf_counter() - timing["start"], 1e-9)
@@ -179,14 +180,14 @@ def _log(run: Run, sums: WindowSums, progress, task, timing: dict, start_time: f
     timing["start"], timing["real_tokens"] = time.perf_counter(), 0
 
 
-def _save(run: Run, sums: WindowSums) -> None:
-    run.state.window_loss = sums.read()[0]  # the checkpoint holds the running sum exactly
-    save_checkpoint(run)
-    run.loop.last_save, run.loop.last_checkpoint_step = time.monotonic(), run.state.global_step
+def _save(run: Run, loop: LoopState, sums: WindowSums) -> None:
+    loop.state.window_loss = sums.read()[0]  # the checkpoint holds the running sum exactly
+    save_checkpoint(run, loop)
+    loop.last_save, loop.last_checkpoint_step = time.monotonic(), loop.state.global_step
 
 
-def _count_skipped(run: Run, progress, why: str) -> None:
-    state, t = run.state, run.cfg.train
+def _count_skipped(run: Run, state: TrainState, progress, why: str) -> None:
+    t = run.cfg.train
     state.skipped_steps += 1
     state.consecutive_skipped += 1
     if not run.quiet:
@@ -200,23 +201,23 @@ def _count_skipped(run: Run, progress, why: str) -> None:
                                           run.cfg.lora.loraplus_lr_ratio))
 
 
-def _checkpoint_due(run: Run) -> bool:
+def _checkpoint_due(run: Run, loop: LoopState) -> bool:
     """Every train.save_steps updates, or train.save_minutes after the last checkpoint (the main process's clock
     decides for all, so every process takes part in the same saves)."""
-    t, step = run.cfg.train, run.state.global_step
+    t, step = run.cfg.train, loop.state.global_step
     due = bool(t.save_steps and step % t.save_steps == 0)
-    if t.save_minutes and run.main and time.monotonic() - run.loop.last_save >= 60 * t.save_minutes:
+    if t.save_minutes and run.main and time.monotonic() - loop.last_save >= 60 * t.save_minutes:
         due = True
     return _any_process(run, due)
 
 
-def _stop_if_asked(run: Run, stop: StopRequests, sums: WindowSums) -> None:
+def _stop_if_asked(run: Run, loop: LoopState, stop: StopRequests, sums: WindowSums) -> None:
     """After a settled step: on a pending Ctrl-C / SIGTERM (on any process), write a checkpoint and stop."""
     if not _any_process(run, stop.signum is not None):
         return
-    step = run.state.global_step
-    if run.loop.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
-        _save(run, sums)
+    step = loop.state.global_step
+    if loop.last_checkpoint_step != step:  # every process decides alike: the save gathers their RNG states
+        _save(run, loop, sums)
     # The signal number of the process that asked; another process only learns that one did, so SIGTERM there.
     raise TrainingStopped(stop.signum or signal.SIGTERM, step, checkpoint_dir(run.out, step), main=run.main)
 
@@ -227,17 +228,17 @@ def _any_process(run: Run, flag: bool) -> bool:
     return sum_over_processes(run.accelerator, float(flag)) > 0
 
 
-def evaluate_and_track(run: Run) -> dict | None:
+def evaluate_and_track(run: Run, loop: LoopState) -> dict | None:
     """An evaluation: the validation loss (when there is validation data) and the sample answers (when there are
     train.eval_prompts). The validation record, or None without validation data."""
-    record = validate_and_track(run) if run.bundle.val else None
-    answer_prompts(run)
+    record = validate_and_track(run, loop) if run.bundle.val else None
+    answer_prompts(run, loop)
     return record
 
 
-def validate_and_track(run: Run) -> dict:
+def validate_and_track(run: Run, loop: LoopState) -> dict:
     """Evaluate, log, and keep the early-stopping and best-adapter bookkeeping."""
-    state, t = run.state, run.cfg.train
+    state, t = loop.state, run.cfg.train
     metrics = evaluate(run.model, run.bundle.val, run.tokenizer.pad_token_id, t.micro_batch_size, run.accelerator,
                        sharded_loss=run.loss_model if run.sharding.active else None)
     record = {"step": state.global_step, **metrics}
@@ -251,7 +252,7 @@ def validate_and_track(run: Run) -> dict:
         state.best_eval_loss, state.best_step = loss, state.global_step
         if t.load_best_at_end:
             # Under FSDP gathered from the shards, on every process (each puts its shard back at the end).
-            run.loop.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
+            loop.best_weights = {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
     patience = t.early_stopping_patience
     if patience and state.evals_without_improvement >= patience and not state.stopped_early:
         state.stopped_early = True
@@ -263,10 +264,10 @@ def validate_and_track(run: Run) -> dict:
     return record
 
 
-def restore_best(run: Run) -> None:
+def restore_best(run: Run, loop: LoopState) -> None:
     """train.load_best_at_end: put the best evaluated LoRA weights back before the final save."""
-    if run.loop.best_weights:
-        run.sharding.load_lora_tensors(run.model, run.loop.best_weights)
+    if loop.best_weights:
+        run.sharding.load_lora_tensors(run.model, loop.best_weights)
 
 
 def nonfinite_message(count: int, precision, lr: float, model_risk: str | None = None,

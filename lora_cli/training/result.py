@@ -20,19 +20,19 @@ from .loop import evaluate_and_track, restore_best
 from .metrics import to_jsonl
 from .plot import title_for, write_loss_plot
 from .samples import answer_prompts
-from .state import Run, TrainResult
+from .state import LoopState, Run, TrainResult
 from .summary import print_summary
 
 
-def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainResult:
+def finish(run: Run, loop: LoopState, last_loss: float | None, last_eval: dict | None) -> TrainResult:
     """The final evaluation (unless the last step had one), the best weights if asked, then the result."""
-    state, bundle, t = run.state, run.bundle, run.cfg.train
+    state, bundle, t = loop.state, run.bundle, run.cfg.train
     if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
-        last_eval = evaluate_and_track(run)
-    answer_prompts(run)  # the final answers, unless this step's evaluation gave them
-    last = last_weights(run)  # what a longer run would continue from, before the best replaces it
-    if t.load_best_at_end and run.loop.best_weights:
-        restore_best(run)
+        last_eval = evaluate_and_track(run, loop)
+    answer_prompts(run, loop)  # the final answers, unless this step's evaluation gave them
+    last = last_weights(run, loop)  # what a longer run would continue from, before the best replaces it
+    if t.load_best_at_end and loop.best_weights:
+        restore_best(run, loop)
         run.say(f"the final adapter is the best evaluated one: step {state.best_step} (eval loss "
                 f"{state.best_eval_loss:.4f})")
     if state.skipped_steps:
@@ -40,14 +40,14 @@ def finish(run: Run, last_loss: float | None, last_eval: dict | None) -> TrainRe
     result = TrainResult(run.out, state, last_loss, last_eval["eval_loss"] if last_eval else None)
     run.accelerator.wait_for_everyone()
     run.trackers.end()  # their files are closed before output_dir is swapped for the result
-    publish_result(run, last)
+    publish_result(run, loop, last)
     if not run.main:
         return result
     run.say(f"adapter saved to {run.out}", markup=False)
     if t.merge_at_end:
         result.merged_dir = merge_at_end(run)
         run.say(f"merged model saved to {result.merged_dir}", markup=False)
-    print_summary(run, run.out)
+    print_summary(run, loop, run.out)
     return result
 
 
@@ -56,16 +56,16 @@ def keeps_checkpoints(run: Run) -> bool:
     return bool(t.save_steps or t.save_minutes)
 
 
-def last_weights(run: Run) -> dict | None:
+def last_weights(run: Run, loop: LoopState) -> dict | None:
     """The weights training goes on from, copied before load_best_at_end replaces them with the best ones (None
     when the result needs no copy: the run keeps no checkpoints, or the weights stay the last ones)."""
-    if not (keeps_checkpoints(run) and run.cfg.train.load_best_at_end and run.loop.best_weights):
+    if not (keeps_checkpoints(run) and run.cfg.train.load_best_at_end and loop.best_weights):
         return None
     # Under FSDP gathered from the shards (a collective: every process gets here alike).
     return {k: v.to("cpu", copy=True) for k, v in run.sharding.lora_tensors(run.model).items()}
 
 
-def publish_result(run: Run, last: dict | None) -> None:
+def publish_result(run: Run, loop: LoopState, last: dict | None) -> None:
     """Write the result and swap it in as output_dir (every process calls this: the RNG states are gathered, and
     under FSDP the LoRA weights and optimizer moments from the shards)."""
     resumable = keeps_checkpoints(run)
@@ -76,18 +76,19 @@ def publish_result(run: Run, last: dict | None) -> None:
         return
     later = (MERGED_DIR,) if run.cfg.train.merge_at_end else ()
     resume = (rng_states, optimizer_state)
-    outdir.publish(run.out, lambda folder: _write_result(run, folder, lora_tensors, resume, last), run.state.run_id,
-                   _result_bytes(run), later)
+    outdir.publish(run.out, lambda folder: _write_result(run, loop, folder, lora_tensors, resume, last),
+                   loop.state.run_id, _result_bytes(run), later)
 
 
-def _write_result(run: Run, folder: Path, lora_tensors: dict, resume: tuple, last: dict | None) -> None:
+def _write_result(run: Run, loop: LoopState, folder: Path, lora_tensors: dict, resume: tuple,
+                  last: dict | None) -> None:
     """Everything the finished run's output_dir holds besides what it carries over (checkpoints, runs/); `resume`:
     (RNG states, optimizer state) when the result carries the resume state, else (None, None)."""
-    cfg, state = run.cfg, run.state
+    cfg, state = run.cfg, loop.state
     save_adapter_folder(folder, run.model, run.tokenizer, cfg, run.target_modules, state, lora_tensors)
     rng_states, optimizer_state = resume
     if rng_states is not None:
-        save_resume_state(folder, run, rng_states, optimizer_state, last)
+        save_resume_state(folder, run, loop, rng_states, optimizer_state, last)
     atomic_write_text(folder / METRICS_NAME, to_jsonl(state.log_history))
     if state.samples:
         atomic_write_text(folder / SAMPLES_NAME, to_jsonl(state.samples))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .rng import untouched_rng
-from .state import Run
+from .state import LoopState, Run
 
 
 def load_prompts(cfg) -> tuple[str, ...]:
@@ -42,21 +42,22 @@ def load_prompts(cfg) -> tuple[str, ...]:
     return tuple(read_prompt_file(value))
 
 
-def answer_prompts(run: Run) -> None:
+def answer_prompts(run: Run, loop: LoopState) -> None:
     """Answer train.eval_prompts with the model as it is now and log the rows (main process; the others wait).
     Once per step: the end of a run whose last step had an evaluation adds nothing."""
-    if not run.prompts or run.state.samples_step == run.state.global_step:
+    state = loop.state
+    if not run.prompts or state.samples_step == state.global_step:
         return
-    run.state.samples_step = run.state.global_step  # on every process, so all agree on the barrier below
+    state.samples_step = state.global_step  # on every process, so all agree on the barrier below
     with run.sharding.generation(run) as generates:  # the main process; under FSDP all of them, in step
         if generates:
-            step, started = run.state.global_step, time.perf_counter()
+            step, started = state.global_step, time.perf_counter()
             with _generation_mode(run):
                 answers = [_answer(run, prompt) for prompt in run.prompts]
             rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
             if run.main:
-                run.sink.log_samples(rows, run.state.samples)
-            run.loop.samples_seconds += time.perf_counter() - started
+                run.sink.log_samples(rows, state.samples)
+            loop.samples_seconds += time.perf_counter() - started
     run.accelerator.wait_for_everyone()
 
 

@@ -1,5 +1,5 @@
-"""The run's objects: what setup fixes (Run), where the run is (TrainState, written into every checkpoint), what
-the loop keeps besides (LoopState), and what the run produced (TrainResult)."""
+"""The run's objects: what setup fixes (Run, frozen), what the loop changes (LoopState: where the run is, TrainState,
+written into every checkpoint, and bookkeeping no file holds), and what the run produced (TrainResult)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # types only: importing these here would load torch, transfor
     from .trackers import Trackers
 
 Say = Callable[..., None]  # (message, markup=True) -> None: prints on the main process, nothing elsewhere
-
 
 
 @dataclass
@@ -111,21 +110,26 @@ class TrainResult:
 
 @dataclass
 class LoopState:
-    """What the loop changes besides TrainState: bookkeeping no file holds as such."""
+    """What the loop changes: where the run is (`state`, written into every checkpoint) and bookkeeping no file holds
+    as such. Setup makes it (a fresh state, or the checkpoint's); fit, the evaluations, the checkpoints and the end
+    of the run change it; nothing else does."""
 
+    state: TrainState
     best_weights: dict | None = None  # LoRA tensors of the best evaluation (train.load_best_at_end)
     last_save: float = 0.0  # time.monotonic() of the last checkpoint, for train.save_minutes
     last_checkpoint_step: int | None = None  # a stop right after this step's checkpoint need not write it again
     samples_seconds: float = 0.0  # time spent answering train.eval_prompts in this part, for the closing summary
 
 
-@dataclass
+# eq=False: two Runs are the same run only when they are the same object (comparing models would be absurd).
+@dataclass(frozen=True, eq=False)
 class Run:
-    """What setup (lora_cli.train) fixes for the whole run, built whole before the first step.
+    """What setup (lora_cli.train) fixes for the whole run, built whole before the first step and never changed.
 
     fit's inputs by name: the model and its optimizer and schedule, the data (bundle.train, bundle.val), the
-    arguments (cfg), and the callback every record goes through (sink, with the trackers behind it). The loop never
-    reassigns a field; what it changes is `state` (written into every checkpoint) and `loop`.
+    arguments (cfg, total_steps), and the callback every record goes through (sink, with the trackers behind it).
+    What the loop changes is the LoopState beside it. (The objects held change as they are used: the model's
+    weights, the optimizer's moments, the sink's files; the Run's fields do not.)
     """
 
     cfg: Config
@@ -147,14 +151,19 @@ class Run:
     sink: MetricsSink  # records and sample answers -> console, live files, trackers
     trackers: Trackers  # none started (an empty Trackers) unless train.report_to names some, on the main process
     prompts: tuple[str, ...]  # train.eval_prompts, read before the model loaded; () for none
-    state: TrainState
-    loop: LoopState = field(default_factory=LoopState)
     # training.fsdp.Sharding: how whole tensors are read from and written to the model (FSDP shards them)
     sharding: Sharding = field(default_factory=lambda: _no_sharding())
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def release(self) -> None:
+        """Drop the model, its loss module, the optimizer and the schedule once the run is over, so their (GPU)
+        memory can be freed even while something still holds the Run (a traceback). The one place a Run's fields
+        change: the run is over."""
+        for name in ("model", "loss_model", "optimizer", "scheduler"):
+            object.__setattr__(self, name, None)
 
 
 def _no_sharding() -> Sharding:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .console import console
 from .layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
 from .snapshot import list_checkpoints
-from .state import Run
+from .state import LoopState, Run, TrainState
 
 
 def duration(seconds: float) -> str:
@@ -18,8 +18,7 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
 
 
-def _steps(run: Run) -> str:
-    state = run.state
+def _steps(run: Run, state: TrainState) -> str:
     text = f"{state.global_step} of {run.total_steps}"
     if state.stopped_early:
         text += " (stopped early)"
@@ -28,15 +27,15 @@ def _steps(run: Run) -> str:
     return text
 
 
-def _throughput(run: Run) -> str:
+def _throughput(run: Run, state: TrainState) -> str:
     """Mean tokens/s of the windows logged in this part of the run (all tokens of the rows, as the progress bar)."""
-    rates = [r["tokens_per_s"] for r in run.state.log_history
+    rates = [r["tokens_per_s"] for r in state.log_history
              if r.get("step", 0) > run.start_step and isinstance(r.get("tokens_per_s"), (int, float))]
     return f"{sum(rates) / len(rates):,.0f}" if rates else "-"
 
 
-def _evaluations(run: Run) -> list[tuple[str, str]]:
-    evals = [r for r in run.state.log_history if isinstance(r.get("eval_loss"), (int, float))]
+def _evaluations(state: TrainState) -> list[tuple[str, str]]:
+    evals = [r for r in state.log_history if isinstance(r.get("eval_loss"), (int, float))]
     if not evals:
         return []
     best = min(evals, key=lambda r: r["eval_loss"])
@@ -51,7 +50,7 @@ def _checkpoints(out: Path, run_id: str) -> str:
     return f"{len(own)} in {out} (newest {own[-1].path.name})"
 
 
-def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = None) -> None:
+def print_summary(run: Run, loop: LoopState, result_dir: Path | None, stopped_at: Path | None = None) -> None:
     """The table for a finished run (result_dir) or one stopped by Ctrl-C / SIGTERM (stopped_at: its checkpoint)."""
     from rich.console import Console
     from rich.table import Table
@@ -59,16 +58,16 @@ def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = N
 
     if not run.main or run.quiet:
         return
-    state = run.state
+    state = loop.state
     table = Table(title="stopped: run summary" if stopped_at else "run summary", show_header=False,
                   title_justify="left", box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(no_wrap=True)
     rows = [("wall time", duration(time.perf_counter() - run.started) + (" (this part)" if run.start_step else "")),
-            ("optimizer steps", _steps(run)),
+            ("optimizer steps", _steps(run, state)),
             ("tokens trained", f"{state.tokens_seen:,} (tokens the loss covered)"),
-            ("tokens/s", _throughput(run)),
-            *_evaluations(run),
+            ("tokens/s", _throughput(run, state)),
+            *_evaluations(state),
             ("skipped updates", f"{state.skipped_steps} (non-finite loss or fp16 overflow)")]
     live = run.sink.path.parent
     folder = stopped_at if stopped_at is not None else result_dir
@@ -81,7 +80,7 @@ def print_summary(run: Run, result_dir: Path | None, stopped_at: Path | None = N
     if state.samples:
         where = (live if stopped_at is not None else result_dir) / SAMPLES_NAME
         rows.append(("sample answers", f"{where} ({len(state.samples)} answers; answering took "
-                                       f"{duration(run.loop.samples_seconds)} of this part)"))
+                                       f"{duration(loop.samples_seconds)} of this part)"))
     if stopped_at is None and run.cfg.train.merge_at_end:
         rows.append(("merged model", str(result_dir / MERGED_DIR)))
     for where in run.trackers.where:
