@@ -4,7 +4,7 @@
 # unpacked for lora-cli), in fp16 without flash attention under a 15 GiB cap (a T4's kernels) and in the GPU's
 # native setting; tokens/s, peak max_memory_allocated and host syncs per step for both tools. One markdown table
 # goes to $OUT/gpu_bench.md (else ./gpu_bench.md), with gpu_bench.json beside it, and is printed.
-# Wheels in .whl/ (peft, datasets, ... for a bare machine) are installed first, into /tmp/site, as in gpu_check.sh.
+# Wheels in .whl/ (peft, datasets, ... for a bare machine) are installed first, into /tmp/site (scripts/gpu_wheels.sh).
 # Without CUDA it says so and exits 0.
 #
 #   bash scripts/gpu_bench.sh                      # GPU_BENCH_BUDGET=270 seconds for the runs
@@ -21,12 +21,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 
-export PYTHONPATH=$ROOT
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >/tmp/gpu_bench_wheels.log 2>&1 && export PYTHONPATH=/tmp/site:$ROOT \
-        || echo "gpu_bench: installing .whl/ failed (see /tmp/gpu_bench_wheels.log)"
-fi
+source scripts/gpu_wheels.sh
+install_wheels gpu_bench /tmp/gpu_bench_wheels.log
 if ! "$PY" -c "import peft" >/dev/null 2>&1; then
     echo "gpu_bench: peft is not installed: put its wheel in .whl/ (PEFT + Trainer is the baseline)."
     exit 2

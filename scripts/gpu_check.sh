@@ -7,7 +7,7 @@
 # Every stage runs under `timeout` and the check goes on after a failing stage. One markdown report goes to
 # $OUT/gpu_check.md (else ./gpu_check.md), stage logs beside it in gpu_check_logs/; a summary table ends the output.
 # Wheels in .whl/ (datasets, pydantic, bitsandbytes, pytest, ... for a bare machine) are installed first, into
-# /tmp/site. Without CUDA it says so and exits 0.
+# /tmp/site (scripts/gpu_wheels.sh). Without CUDA it says so and exits 0.
 #
 #   bash scripts/gpu_check.sh                 # GPU_CHECK_BUDGET=460 seconds for all stages together
 set -u
@@ -31,11 +31,8 @@ LOGS=$REPORT_DIR/gpu_check_logs
 mkdir -p "$LOGS"
 SUMMARY=()
 
-export PYTHONPATH=$ROOT
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >"$LOGS/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site:$ROOT || echo "gpu_check: installing .whl/ failed (see $LOGS/wheels.log)"
-fi
+source scripts/gpu_wheels.sh
+install_wheels gpu_check "$LOGS/wheels.log"
 
 {
     echo "# lora-cli GPU check"
