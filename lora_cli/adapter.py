@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_config import CONFIG_NAME, AdapterConfig, read_adapter_config
+from .adapter_config import AdapterConfig, read_adapter_config
 from .errors import UserError
 from .fsutil import atomic_file, atomic_write_text
 from .inject import (
@@ -28,10 +28,9 @@ from .inject import (
     pattern_value,
     resolve_target_paths,
 )
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from .precision import dtype_name
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."  # PEFT's tensor names: the model's own module paths under this prefix
 _DORA_KEY = "lora_magnitude_vector"
 _MAX_LISTED = 10  # tensor names quoted in one error message
@@ -110,7 +109,7 @@ def read_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{path} is not a readable safetensors file ({err}). Re-save or re-download it.") from None
-    elif (adapter_dir / LEGACY_WEIGHTS_NAME).is_file():  # adapters from PEFT before safetensors became its default
+    elif (adapter_dir / LEGACY_WEIGHTS_NAME).is_file():
         path = adapter_dir / LEGACY_WEIGHTS_NAME
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)

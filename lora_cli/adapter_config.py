@@ -11,8 +11,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .inject import LoraSettings
-
-CONFIG_NAME = "adapter_config.json"
+from .layout import CONFIG_NAME
 
 
 @dataclass

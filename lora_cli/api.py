@@ -78,8 +78,8 @@ def train(config: ConfigLike, /, *overrides: str, dry_run: bool = False,
 
 def _finished_result(cfg: Config) -> TrainResult | None:
     """The result a finished run left in output_dir (train() returned None: there was nothing left to train)."""
+    from .layout import MERGED_DIR
     from .training import outdir
-    from .training.layout import MERGED_DIR
     from .training.snapshot import scan
 
     folder = scan(outdir.resolve_output_dir(cfg.train.output_dir))

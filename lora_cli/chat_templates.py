@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .layout import CONFIG_COPY_NAME
 
 AUTO = "auto"  # the model's own template (today's behaviour)
 
@@ -167,8 +168,6 @@ def use_folder_template(tokenizer, folder: str | Path | None) -> bool:
 def trained_system_prompt(adapter_dir: str | Path | None) -> str | None:
     """data.system_prompt of the run that trained the adapter (from the lora_config.yaml it saved), or None."""
     import yaml
-
-    from .training.checkpoint import CONFIG_COPY_NAME  # here: the training package imports the config schema
 
     if adapter_dir is None:
         return None

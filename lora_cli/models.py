@@ -19,10 +19,11 @@ import torch
 from safetensors import SafetensorError
 
 from .adapter import load_adapter, read_adapter_tensors
-from .adapter_config import CONFIG_NAME, AdapterConfig, read_adapter_config
+from .adapter_config import AdapterConfig, read_adapter_config
 from .chat_templates import use_folder_template
 from .errors import ModelNotFound, UserError
 from .inject import InjectionReport, merge_lora
+from .layout import CONFIG_NAME
 from .model_files import damaged_error, damaged_weight_files, unpickling_error
 from .precision import DTYPE_ALIASES, DTYPES, dtype_name
 from .quantization import check_4bit_support, keep_standard_4bit_layout, quantization_kwargs

@@ -244,3 +244,17 @@ def test_chat_prints_a_marker_on_a_terminal(folders, capsys):
     history = gen.chat_session(model, tokenizer, Terminal("hello\n"), temperature=0, max_new_tokens=4)
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert capsys.readouterr().out.startswith("> ")
+
+
+def test_the_trained_system_prompt_is_read_from_the_adapters_config_copy(tmp_path):
+    """lora-generate's default system prompt: data.system_prompt from the lora_config.yaml lora-train saved beside
+    the adapter (lora_cli/layout.py names it); a PEFT adapter has none, and neither has a run without one."""
+    from lora_cli.chat_templates import trained_system_prompt
+    from lora_cli.layout import CONFIG_COPY_NAME
+
+    (tmp_path / CONFIG_COPY_NAME).write_text("data:\n  system_prompt: Be brief.\n", encoding="utf-8")
+    assert trained_system_prompt(tmp_path) == "Be brief."
+    (tmp_path / CONFIG_COPY_NAME).write_text("data:\n  max_length: 64\n", encoding="utf-8")
+    assert trained_system_prompt(tmp_path) is None
+    assert trained_system_prompt(tmp_path / "peft-adapter") is None
+    assert trained_system_prompt(None) is None

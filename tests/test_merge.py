@@ -29,8 +29,8 @@ from helpers import (
     make_peft_adapter,
     merge,
 )
-from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.inject import LoraSettings, apply_lora, merge_lora
+from lora_cli.layout import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.lora import LoraLinear
 from lora_cli.merge import MERGED_ADAPTER_CONFIG_NAME, merge_adapter, save_merged
 from lora_cli.merge import stream as merge_stream

@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 import tiny
 from helpers import assert_close, logits, make_our_adapter, randomise_lora
 from lora_cli import data
-from lora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from lora_cli.adapter import load_adapter
 from lora_cli.cli import generate_app, main_app, merge_app, train_app
 from lora_cli.config import Config, validate_config
 from lora_cli.data import IGNORE_INDEX
 from lora_cli.errors import UserError
 from lora_cli.inject import lora_layers
+from lora_cli.layout import CONFIG_NAME, WEIGHTS_NAME
 from lora_cli.models import load_base_model, load_tokenizer
 
 runner = CliRunner()

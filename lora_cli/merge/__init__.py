@@ -26,12 +26,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapter_config import CONFIG_NAME, read_adapter_config
+from ..adapter_config import read_adapter_config
 from ..chat_templates import use_folder_template
 from ..errors import ModelNotFound, UserError
 from ..export import GgufRequest, plan_source
 from ..fsutil import atomic_dir, follow_link
 from ..inject import lora_layers, merge_lora
+from ..layout import CONFIG_NAME
 from ..model_files import weights_dtype
 from ..models import ModelSource, base_source_of_adapter, check_source, load_model, load_tokenizer, stored_dtype
 from ..precision import dtype_name, parse_dtype

@@ -24,7 +24,6 @@ import torch
 from ..adapter import (
     BASE_LAYER,
     KEY_PREFIX,
-    WEIGHTS_NAME,
     load_adapter,
     modified_copy_error,
     normalise_key,
@@ -33,6 +32,7 @@ from ..adapter import (
 )
 from ..errors import UserError
 from ..inject import lora_layers
+from ..layout import WEIGHTS_NAME
 from ..lora import merged_weight
 from ..model_files import check_weight_files
 from ..models import build_meta_model

@@ -6,7 +6,7 @@ optim.py       optimizer (with LoRA+ groups) and learning-rate schedule
 step.py        one optimizer step's forward and backward, on one process or several; attention kernels
 loop.py        the loop itself (fit): updates, skipped steps, logging, evaluation, checkpoints, stop requests
 evaluation.py  validation loss
-layout.py      every name in output_dir and in checkpoint-<step>/
+(lora_cli/layout.py: every name in output_dir and in checkpoint-<step>/, below every module that reads them)
 snapshot.py    what output_dir holds (result, checkpoints), read once
 resume.py      where a run starts (fresh or from a checkpoint), as pure functions of a snapshot, and what a resumed
                run may change

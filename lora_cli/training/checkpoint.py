@@ -1,7 +1,8 @@
 """Adapter folders and full-state checkpoints: writing them, pruning old ones, and reading their tensors back.
 
-A `checkpoint-<step>/` folder (names in layout.py) is a PEFT-loadable adapter folder that also holds what an exact
-continuation needs: the training state, optimizer, schedule, loss scaler, every process's RNG and the best weights.
+A `checkpoint-<step>/` folder (names in lora_cli/layout.py) is a PEFT-loadable adapter folder that also holds what an
+exact continuation needs: the training state, optimizer, schedule, loss scaler, every process's RNG and the best
+weights.
 It is written as a whole folder under a temporary name and renamed into place (fsutil.atomic_dir) at an optimizer
 step boundary, so a folder named checkpoint-<step> is always complete; snapshot.read_checkpoint checks anyway.
 """
@@ -21,7 +22,7 @@ from ..config import Config, config_to_yaml
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, atomic_write_text, disk_full_message, is_disk_full
 from ..inject import lora_settings, lora_state_dict
-from .layout import (
+from ..layout import (
     BEST_NAME,
     CONFIG_COPY_NAME,
     LAST_NAME,

@@ -15,11 +15,11 @@ import torch
 
 from .. import packing as packing_lib
 from ..errors import TrainingStopped, UserError
+from ..layout import checkpoint_dir
 from ..precision import fp16_risk
 from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
-from .layout import checkpoint_dir
 from .plan import collate, dropout_seed, make_batches
 from .samples import answer_prompts
 from .signals import StopRequests

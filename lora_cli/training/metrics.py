@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..fsutil import atomic_write_text
-from .layout import METRICS_NAME, SAMPLES_NAME, live_dir
+from ..layout import METRICS_NAME, SAMPLES_NAME, live_dir
 
 
 def strict(record: dict) -> dict:

@@ -1,5 +1,5 @@
 """The output folder's rules: what a run may write where, its lock, the leftovers of killed runs, and the final
-result published as one atomic swap. The names in it are layout.py's; what it holds is read by snapshot.scan.
+result published as one atomic swap. The names in it are lora_cli/layout.py's; what it holds is read by snapshot.scan.
 
 While training, only checkpoints and the live log under runs/ are written into output_dir; an older result there
 stays untouched until the new one is complete. The result is then built in a hidden sibling folder, the entries of
@@ -39,7 +39,7 @@ from ..fsutil import (
     take_lock,
     temp_name,
 )
-from .layout import KNOWN_RESULT_NAMES, MANIFEST_NAME, checkpoint_step
+from ..layout import KNOWN_RESULT_NAMES, MANIFEST_NAME, checkpoint_step
 from .snapshot import list_checkpoints
 
 PUBLISH_TAG = "publish-"  # the hidden sibling the result is built in: .<output_dir>.publish-<random>.tmp

@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import UserError
 from ..fsutil import atomic_file
-from .layout import CHECKPOINT_PREFIX, CONFIG_COPY_NAME, LIVE_DIR, METRICS_NAME, PLOT_NAME, STATE_NAME
+from ..layout import CHECKPOINT_PREFIX, CONFIG_COPY_NAME, LIVE_DIR, METRICS_NAME, PLOT_NAME, STATE_NAME
 
 _warned = []
 

@@ -2,8 +2,8 @@
 that output_dir holds once it is published (outdir.publish swaps it in whole), train.merge_at_end, the summary.
 
 A run that keeps checkpoints (train.save_steps or train.save_minutes) also writes the resume state into the result
-(layout.py), so a longer run (a higher train.max_steps or train.epochs) continues from the last step rather than
-from the last checkpoint before it.
+(lora_cli/layout.py), so a longer run (a higher train.max_steps or train.epochs) continues from the last step rather
+than from the last checkpoint before it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsutil import atomic_write_text
 from ..inject import lora_state_dict
+from ..layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
 from . import outdir
 from .checkpoint import gather_rng_states, save_adapter_folder, save_resume_state
-from .layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
 from .loop import evaluate_and_track, restore_best
 from .metrics import to_jsonl
 from .plot import title_for, write_loss_plot

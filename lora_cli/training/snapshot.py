@@ -2,7 +2,7 @@
 
 Deciding where a run starts (training.resume) works on one `Snapshot` taken after the folder is locked and cleaned
 up, so every decision sees the same folder and each checkpoint's files are read once. A finished result that
-carries the resume state (see layout.py) is read like a checkpoint too: a longer run continues from it.
+carries the resume state (see lora_cli/layout.py) is read like a checkpoint too: a longer run continues from it.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from pathlib import Path
 
 import yaml
 
-from ..adapter import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from ..model_files import weight_file_problem
-from .layout import (
+from ..layout import (
     BEST_NAME,
     CHECKPOINT_REQUIRED,
     CHECKPOINT_TENSOR_FILES,
     CONFIG_COPY_NAME,
+    CONFIG_NAME,
     LAST_NAME,
+    LEGACY_WEIGHTS_NAME,
     STATE_NAME,
+    WEIGHTS_NAME,
     checkpoint_step,
 )
+from ..model_files import weight_file_problem
 from .state import TrainState
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
 from .console import console
-from .layout import MERGED_DIR, METRICS_NAME, PLOT_NAME, SAMPLES_NAME
 from .snapshot import list_checkpoints
 from .state import LoopState, Run, TrainState
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .layout import default_logging_dir
+from ..layout import default_logging_dir
 
 INSTALL = {
     "tensorboard": 'pip install -e ".[tensorboard]" (in a lora-cli checkout) or pip install tensorboard',

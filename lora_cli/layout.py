@@ -1,4 +1,6 @@
-"""The output folder's layout: every name lora-train writes into output_dir and into checkpoint-<step>/, in one place.
+"""The output folder's layout: every name lora-train writes into output_dir and into checkpoint-<step>/, in one place
+(the PEFT adapter folder's own names too, which every command reads). It imports nothing of lora_cli, so any module
+may import it: the chat templates read lora_config.yaml, the trainer writes everything.
 
     output_dir/
       adapter_config.json, adapter_model.safetensors, tokenizer files,    the result: a PEFT-loadable adapter
@@ -32,8 +34,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapter import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-
+# PEFT's adapter folder: what lora-train's result and checkpoints are, and what every command reads an adapter from.
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # adapters from PEFT before safetensors became its default
 # Both in the result and in every checkpoint.
 STATE_NAME = "trainer_state.json"
 CONFIG_COPY_NAME = "lora_config.yaml"
