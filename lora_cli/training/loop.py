@@ -21,7 +21,6 @@ from .checkpoint import save_checkpoint
 from .console import progress_bar, record_printer
 from .evaluation import evaluate
 from .plan import collate, dropout_seed, make_batches
-from .samples import answer_prompts
 from .signals import StopRequests
 from .state import LoopState, Run, TrainState
 from .step import (
@@ -232,7 +231,7 @@ def evaluate_and_track(run: Run, loop: LoopState) -> dict | None:
     """An evaluation: the validation loss (when there is validation data) and the sample answers (when there are
     train.eval_prompts). The validation record, or None without validation data."""
     record = validate_and_track(run, loop) if run.bundle.val else None
-    answer_prompts(run, loop)
+    run.prompts.answer(run, loop)
     return record
 
 

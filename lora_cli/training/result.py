@@ -19,7 +19,6 @@ from .checkpoint import gather_rng_states, save_adapter_folder, save_resume_stat
 from .loop import evaluate_and_track, restore_best
 from .metrics import to_jsonl
 from .plot import title_for, write_loss_plot
-from .samples import answer_prompts
 from .state import LoopState, Run, TrainResult
 from .summary import print_summary
 
@@ -29,7 +28,7 @@ def finish(run: Run, loop: LoopState, last_loss: float | None, last_eval: dict |
     state, bundle, t = loop.state, run.bundle, run.cfg.train
     if bundle.val and (last_eval is None or last_eval.get("step") != state.global_step):
         last_eval = evaluate_and_track(run, loop)
-    answer_prompts(run, loop)  # the final answers, unless this step's evaluation gave them
+    run.prompts.answer(run, loop)  # the final answers, unless this step's evaluation gave them
     last = last_weights(run, loop)  # what a longer run would continue from, before the best replaces it
     if t.load_best_at_end and loop.best_weights:
         restore_best(run, loop)

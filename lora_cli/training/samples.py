@@ -25,40 +25,55 @@ from .rng import untouched_rng
 from .state import LoopState, Run
 
 
-def load_prompts(cfg) -> tuple[str, ...]:
-    """train.eval_prompts (read from its file when it is a path), () for none; checked before the model loads."""
+def load_prompts(cfg) -> Prompts | NoPrompts:
+    """train.eval_prompts (read from its file when it is a path); NoPrompts for none. Checked before the model
+    loads."""
     value = cfg.train.eval_prompts
-    if value is None:
-        return ()
-    if isinstance(value, list):
-        return tuple(value)
-    from ..generate_io import read_prompt_file
+    if isinstance(value, str):
+        from ..generate_io import read_prompt_file
 
-    if not Path(value).is_file():
-        raise UserError(
-            f"train.eval_prompts: '{value}' is not a file. Give the path of a prompt file (one prompt per line, or "
-            f"JSONL with a \"prompt\" field), or write the prompts as a list: eval_prompts: [\"{value}\"]."
-        )
-    return tuple(read_prompt_file(value))
+        if not Path(value).is_file():
+            raise UserError(
+                f"train.eval_prompts: '{value}' is not a file. Give the path of a prompt file (one prompt per line, "
+                f"or JSONL with a \"prompt\" field), or write the prompts as a list: eval_prompts: [\"{value}\"]."
+            )
+        value = read_prompt_file(value)
+    return Prompts(tuple(value)) if value else NoPrompts()
 
 
-def answer_prompts(run: Run, loop: LoopState) -> None:
-    """Answer train.eval_prompts with the model as it is now and log the rows (main process; the others wait).
-    Once per step: the end of a run whose last step had an evaluation adds nothing."""
-    state = loop.state
-    if not run.prompts or state.samples_step == state.global_step:
-        return
-    state.samples_step = state.global_step  # on every process, so all agree on the barrier below
-    with run.sharding.generation(run) as generates:  # the main process; under FSDP all of them, in step
-        if generates:
-            step, started = state.global_step, time.perf_counter()
-            with _generation_mode(run):
-                answers = [_answer(run, prompt) for prompt in run.prompts]
-            rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(run.prompts, answers)]
-            if run.main:
-                run.sink.log_samples(rows, state.samples)
-            loop.samples_seconds += time.perf_counter() - started
-    run.accelerator.wait_for_everyone()
+class Prompts:
+    """train.eval_prompts, answered with every evaluation and at the end of the run."""
+
+    def __init__(self, texts: tuple[str, ...]):
+        self.texts = texts
+
+    def answer(self, run: Run, loop: LoopState) -> None:
+        """Answer the prompts with the model as it is now and log the rows (main process; the others wait).
+        Once per step: the end of a run whose last step had an evaluation adds nothing."""
+        state = loop.state
+        if state.samples_step == state.global_step:
+            return
+        state.samples_step = state.global_step  # on every process, so all agree on the barrier below
+        with run.sharding.generation(run) as generates:  # the main process; under FSDP all of them, in step
+            if generates:
+                step, started = state.global_step, time.perf_counter()
+                with _generation_mode(run):
+                    answers = [_answer(run, prompt) for prompt in self.texts]
+                rows = [{"step": step, "prompt": p, "answer": a} for p, a in zip(self.texts, answers)]
+                if run.main:
+                    run.sink.log_samples(rows, state.samples)
+                loop.samples_seconds += time.perf_counter() - started
+        run.accelerator.wait_for_everyone()
+
+
+class NoPrompts:
+    """No train.eval_prompts: answering does nothing (no barrier, no step recorded), so the loop and the end of the
+    run call `run.prompts.answer` without asking whether there are prompts, as they log to an empty Trackers."""
+
+    texts: tuple[str, ...] = ()
+
+    def answer(self, run: Run, loop: LoopState) -> None:
+        pass
 
 
 def _answer(run: Run, prompt: str) -> str:

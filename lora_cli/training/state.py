@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # types only: importing these here would load torch, transfor
     from ..precision import PrecisionChoice
     from .fsdp import Sharding
     from .metrics import MetricsSink
+    from .samples import NoPrompts, Prompts
     from .trackers import Trackers
 
 Say = Callable[..., None]  # (message, markup=True) -> None: prints on the main process, nothing elsewhere
@@ -150,7 +151,7 @@ class Run:
     say: Say
     sink: MetricsSink  # records and sample answers -> console, live files, trackers
     trackers: Trackers  # none started (an empty Trackers) unless train.report_to names some, on the main process
-    prompts: tuple[str, ...]  # train.eval_prompts, read before the model loaded; () for none
+    prompts: Prompts | NoPrompts  # train.eval_prompts, read before the model loaded; NoPrompts for none
     # training.fsdp.Sharding: how whole tensors are read from and written to the model (FSDP shards them)
     sharding: Sharding = field(default_factory=lambda: _no_sharding())
 
