@@ -9,6 +9,7 @@ take the Run is a cycle of types only.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
@@ -99,3 +100,19 @@ def test_no_import_cycles():
     for module in sorted(RUNTIME_GRAPH):
         if module not in state and (cycle := visit(module, [module])):
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_readme_layout_names_every_module_and_no_other():
+    """README's Layout section (Development) lists each module by file name; a new module, or a renamed or removed
+    one, shows here instead of leaving the map stale."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Layout (data flows"):]
+    section = "\n\n".join(section.split("\n\n")[:2])  # the opening sentence and the list
+    named = set(re.findall(r"`([\w/]+\.py)`", section))
+    files = {p.name for p in PACKAGE.rglob("*.py")}
+    missing = sorted(f"{p.relative_to(PACKAGE.parent)}" for p in PACKAGE.rglob("*.py") if f"`{p.name}`" not in section
+                     and p.name != "__init__.py")
+    tests = {p.name for p in (PACKAGE.parent / "tests").glob("*.py")}
+    stale = sorted(name for name in named if name.rpartition("/")[2] not in files | tests)
+    assert not missing, f"README's Layout section does not name: {missing}"
+    assert not stale, f"README's Layout section names files that do not exist: {stale}"
