@@ -4,24 +4,15 @@
 # unpacked for lora-cli), in fp16 without flash attention under a 15 GiB cap (a T4's kernels) and in the GPU's
 # native setting; tokens/s, peak max_memory_allocated and host syncs per step for both tools. One markdown table
 # goes to $OUT/gpu_bench.md (else ./gpu_bench.md), with gpu_bench.json beside it, and is printed.
-# Wheels in .whl/ (peft, datasets, ... for a bare machine) are installed first, into /tmp/site (scripts/gpu_wheels.sh).
+# Wheels in .whl/ (peft, datasets, ... for a bare machine) are installed first, into /tmp/site (scripts/gpu_common.sh).
 # Without CUDA it says so and exits 0.
 #
 #   bash scripts/gpu_bench.sh                      # GPU_BENCH_BUDGET=270 seconds for the runs
 #   bash scripts/gpu_bench.sh --models smollm2-135m --settings native   # a subset (scripts/gpu_bench.py --help)
 set -u
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PY=${PYTHON:-python3}
-if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-    echo "gpu_bench: no CUDA GPU here (torch.cuda.is_available() is False, or torch is missing): nothing to measure."
-    exit 0
-fi
-
-source scripts/gpu_wheels.sh
+source scripts/gpu_common.sh
+gpu_start gpu_bench measure
 install_wheels gpu_bench /tmp/gpu_bench_wheels.log
 if ! "$PY" -c "import peft" >/dev/null 2>&1; then
     echo "gpu_bench: peft is not installed: put its wheel in .whl/ (PEFT + Trainer is the baseline)."

@@ -7,20 +7,13 @@
 # Every stage runs under `timeout` and the check goes on after a failing stage. One markdown report goes to
 # $OUT/gpu_check.md (else ./gpu_check.md), stage logs beside it in gpu_check_logs/; a summary table ends the output.
 # Wheels in .whl/ (datasets, pydantic, bitsandbytes, pytest, ... for a bare machine) are installed first, into
-# /tmp/site (scripts/gpu_wheels.sh). Without CUDA it says so and exits 0.
+# /tmp/site (scripts/gpu_common.sh). Without CUDA it says so and exits 0.
 #
 #   bash scripts/gpu_check.sh                 # GPU_CHECK_BUDGET=460 seconds for all stages together
 set -u
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PY=${PYTHON:-python3}
-if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-    echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False, or torch is missing): nothing to check."
-    exit 0
-fi
+source scripts/gpu_common.sh
+gpu_start gpu_check check
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-460}
@@ -31,7 +24,6 @@ LOGS=$REPORT_DIR/gpu_check_logs
 mkdir -p "$LOGS"
 SUMMARY=()
 
-source scripts/gpu_wheels.sh
 install_wheels gpu_check "$LOGS/wheels.log"
 
 {

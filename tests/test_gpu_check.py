@@ -52,8 +52,8 @@ def _wheel(folder: Path, name: str, body: str) -> None:
 
 
 def _install_wheels(root: Path) -> subprocess.CompletedProcess:
-    """scripts/gpu_wheels.sh's install_wheels, as gpu_check.sh and gpu_bench.sh source it, in `root`."""
-    script = (f'source {REPO / "scripts" / "gpu_wheels.sh"}; install_wheels gpu_check "$ROOT/wheels.log"; '
+    """scripts/gpu_common.sh's install_wheels, as gpu_check.sh and gpu_bench.sh source it, in `root`."""
+    script = (f'source {REPO / "scripts" / "gpu_common.sh"}; install_wheels gpu_check "$ROOT/wheels.log"; '
               # from / : python -c puts its working directory before PYTHONPATH
               'echo "PYTHONPATH=$PYTHONPATH"; cd / && "$PY" -c "import wheeled; print(wheeled.WHERE)"')
     env = dict(os.environ, PY=sys.executable, ROOT=str(root), WHEEL_SITE=str(root / "site"))
