@@ -248,3 +248,38 @@ def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, trainable_mode
     assert "FSDP: the model's weights sharded over 2 processes" in " ".join(done.stderr.split())
     assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2, 3]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def _gpt_oss(folder: Path) -> Path:
+    """A tiny GPT-OSS: loaded in fp16 it keeps its norms in fp32 (transformers' _keep_in_fp32_modules)."""
+    import transformers
+
+    import tiny
+
+    config = transformers.GptOssConfig(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_base_built_without_weights_is_laid_out_as_the_loaded_one(tmp_path, tiny_model_dir, dtype):
+    """What FSDP's processes other than 0 build instead of loading (process 0 broadcasts the weights into it): the
+    same parameter names, shapes and dtypes (fp32 where a model keeps fp32), the same computed buffers, the same
+    generation config, and no weight in memory."""
+    import torch
+
+    from lora_cli.models import load_base_model, load_base_shapes
+    from lora_cli.training.fsdp import _layout
+
+    folders = [tiny_model_dir(arch) for arch in ("llama", "llama_tied", "gpt2", "gpt_neox", "qwen2", "opt", "phi")]
+    for folder in [*folders, _gpt_oss(tmp_path / "gpt_oss")]:
+        loaded = load_base_model(str(folder), getattr(torch, dtype))
+        built = load_base_shapes(str(folder), getattr(torch, dtype))
+        assert _layout(built) == _layout(loaded), folder
+        assert built.generation_config.to_dict() == loaded.generation_config.to_dict()
+        assert all(p.is_meta for p in built.parameters()) and not built.training
+        assert not any(p.requires_grad for p in built.parameters())
+        if folder.name == "gpt_oss" and dtype == "float16":  # the case the layout must get right
+            assert built.get_parameter("model.norm.weight").dtype == torch.float32
