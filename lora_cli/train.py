@@ -38,7 +38,7 @@ from .training.result import finish
 from .training.samples import load_prompts
 from .training.signals import StopRequests
 from .training.state import LoopState, Run, TrainResult
-from .training.step import attention_kernels, check_distributed_type
+from .training.step import attention_kernels, check_distributed_type, check_launch_environment
 from .training.summary import print_summary
 
 
@@ -148,6 +148,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
+    check_launch_environment()
     fsdp_kwargs = fsdp.accelerator_kwargs(cfg)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu",
                               step_scheduler_with_optimizer=False, **fsdp_kwargs)
@@ -173,7 +174,9 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
         enable_gradient_checkpointing(model)
     model.train()
     sharding.prepare_model(model)
-    optimizer = make_optimizer(model, cfg)
+    # The device it trains on: under FSDP the LoRA weights of processes other than 0 are on the meta device until
+    # Accelerate shards them (fused AdamW there too, or the processes would round their updates differently).
+    optimizer = make_optimizer(model, cfg, accelerator.device)
     steps = _total_steps(cfg, bundle, world, say)
     scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * steps), steps)
     # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object
