@@ -186,9 +186,10 @@ class FsdpSharding(Sharding):
             raise UserError(text) if user_error else RuntimeError(f"process 0 could not load the model: {text}")
         differ = [rank for rank, layout in enumerate(layouts) if layout != layouts[0]]
         if differ:
-            self.say(f"note: the model built without weights on process(es) {differ} differs from process 0's "
-                     f"({_first_difference(layouts[0], layouts[differ[0]])}), so those processes load the whole "
-                     "model too.", markup=False)
+            which = "process " + ", ".join(map(str, differ))
+            self.say(f"note: the model {which} built without weights differs from process 0's "
+                     f"({_first_difference(layouts[0], layouts[differ[0]], which)}), so it loads the whole model "
+                     "from disk too.", markup=False)
         return whole() if self.accelerator.process_index in differ else model
 
     def prepare_model(self, model) -> None:
@@ -288,11 +289,11 @@ def _layout(model) -> list:
                    for name, b in model.named_buffers() if name in computed]
 
 
-def _first_difference(expected, got) -> str:
-    if isinstance(got, tuple):
+def _first_difference(expected: list, got, which: str) -> str:
+    if isinstance(got, tuple):  # building it failed: the error
         return got[0]
     first = next((a, b) for a, b in zip(expected + [None], got + [None]) if a != b)
-    return f"process 0 has {first[0]}, the other {first[1]}"
+    return f"process 0 has {first[0]}, {which} {first[1]}"
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
