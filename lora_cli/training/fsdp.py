@@ -78,7 +78,8 @@ def sharding_for(accelerator, cfg, accelerator_kwargs: dict, say) -> "Sharding":
         kind = DistributedType.FSDP
     if kind != DistributedType.FSDP:
         if use_fsdp and accelerator.num_processes == 1:
-            say("note: train.fsdp=true in one process shards nothing, so this run trains as usual. To shard the "
+            asked = "train.fsdp=true" if cfg.train.fsdp else "FSDP (the Accelerate config's)"
+            say(f"note: {asked} in one process shards nothing, so this run trains as usual. To shard the "
                 "base over N GPUs, launch it with torchrun --nproc_per_node N -m lora_cli train ... (or accelerate "
                 "launch --config_file configs/accelerate/fsdp_2gpu.yaml -m lora_cli train ...).", markup=False)
         return Sharding()
