@@ -207,6 +207,59 @@ def build_meta_model(hf_config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
+def load_base_shapes(name_or_path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
+                     trust_remote_code: bool = False):
+    """What `load_base_model` gives, without the weights: every parameter on the meta device in the dtype loading
+    would give it (including the parameters a model keeps in fp32), the buffers real (they are computed, not read:
+    the rotary embedding's frequencies), the generation config the weights' folder has. For an FSDP process whose
+    weights come from process 0 (CPU-RAM-efficient loading): it never holds the whole model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(name_or_path, err, "the model") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _keep_fp32_parameters(model, dtype)
+    model.generation_config = generation_config(name_or_path, revision, model.config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _keep_fp32_parameters(model, dtype: torch.dtype) -> None:
+    """The parameters transformers' loading keeps in fp32 (a model's _keep_in_fp32_modules in fp16, its
+    _keep_in_fp32_modules_strict in both half types: MoE routers' biases), matched as its loading matches them.
+    Should this private API move, the caller's comparison with process 0 still catches a difference."""
+    try:
+        from transformers.core_model_loading import build_glob_alternation
+
+        plan = model._get_dtype_plan(dtype)
+    except (ImportError, AttributeError):
+        return
+    if not plan:
+        return
+    pattern, group_names, _ = build_glob_alternation(list(plan))
+    for name, param in model.named_parameters():
+        found = pattern.search(name)
+        if found is not None:
+            param.data = param.data.to(plan[group_names[found.lastgroup]])
+
+
+def generation_config(name_or_path: str, revision: str | None, config):
+    """The generation config `from_pretrained` attaches: the folder's generation_config.json, else the one the
+    model's config implies."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name_or_path, revision=revision)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
 # --- base + adapter, for lora-merge and lora-generate -----------------------------------------------------------------
 
 

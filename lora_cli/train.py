@@ -20,7 +20,7 @@ from .config import Config
 from .errors import TrainingStopped, UserError
 from .inject import apply_lora, lora_settings
 from .losses import CausalLMLoss
-from .models import load_base_model, load_tokenizer
+from .models import load_base_model, load_base_shapes, load_tokenizer
 from .precision import (
     PrecisionChoice,
     base_dtype,
@@ -38,19 +38,21 @@ from .training.result import finish
 from .training.samples import load_prompts
 from .training.signals import StopRequests
 from .training.state import LoopState, Run, TrainResult
-from .training.step import attention_kernels, check_distributed_type
+from .training.step import attention_kernels, check_distributed_type, check_launch_environment
 from .training.summary import print_summary
 
 
-def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, accelerator):
+def prepare_model_and_data(cfg: Config, precision: PrecisionChoice, out: Path, accelerator, sharding):
     """Load the tokenizer, the data (from the cache, tokenized first if needed: a data error shows before the slow
-    model load), the base model (frozen, in the half dtype on GPU) and LoRA layers (fp32)."""
+    model load), the base model (frozen, in the half dtype on GPU; under FSDP the weights on process 0 only) and
+    LoRA layers (fp32)."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     apply_template_setting(tokenizer, cfg.data.chat_template)  # before the model loads: a bad template fails fast
     bundle = _load_data_on_main_first(cfg, tokenizer, out, accelerator)
     dtype = base_dtype(cfg.model.dtype, precision)
-    model = load_base_model(cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code,
-                            **base_quantization(cfg.model.load_in_4bit, precision))
+    source = (cfg.model.name_or_path, dtype, cfg.model.revision, cfg.model.trust_remote_code)
+    model = sharding.load_base(lambda: load_base_model(*source, **base_quantization(cfg.model.load_in_4bit, precision)),
+                               lambda: load_base_shapes(*source))
     report = apply_lora(model, lora_settings(cfg.lora))
     return tokenizer, model, report, bundle
 
@@ -149,6 +151,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     # Under `accelerate launch` / torchrun every process runs this function; only the main one prints and writes.
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule once per process on every
     # optimizer step (it assumes the data loader was shortened per process), ending it N times too early.
+    check_launch_environment()
     fsdp_kwargs = fsdp.accelerator_kwargs(cfg)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=precision.device == "cpu",
                               step_scheduler_with_optimizer=False, **fsdp_kwargs)
@@ -164,7 +167,7 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
     world = accelerator.num_processes
     say(f"[bold]precision:[/bold] {precision.reason}" + (f"; {world} processes" if world > 1 else ""))
     set_seed(cfg.train.seed)  # the same seed everywhere: identical LoRA init and batch plan on every process
-    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision, out, accelerator)
+    tokenizer, model, report, bundle = prepare_model_and_data(cfg, precision, out, accelerator, sharding)
     _describe(cfg, precision, model, report, bundle, say, main)
     if dry_run:
         if main:
@@ -174,7 +177,9 @@ def setup(cfg: Config, dry_run: bool, quiet: bool, cleanup: contextlib.ExitStack
         enable_gradient_checkpointing(model)
     model.train()
     sharding.prepare_model(model)
-    optimizer = make_optimizer(model, cfg)
+    # The device it trains on: under FSDP the LoRA weights of processes other than 0 are on the meta device until
+    # Accelerate shards them (fused AdamW there too, or the processes would round their updates differently).
+    optimizer = make_optimizer(model, cfg, accelerator.device)
     steps = _total_steps(cfg, bundle, world, say)
     scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler, int(cfg.train.warmup_ratio * steps), steps)
     # The loss module, not the bare model, is what gets prepared: see CausalLMLoss. `model` stays the same object

@@ -3,14 +3,15 @@
 
     python scripts/bench_fsdp.py                 # a ~330 MB fp32 Llama-shaped model (random weights), 3 steps
     python scripts/bench_fsdp.py --layers 16 --repeats 2
+    python scripts/bench_fsdp.py --dtype bfloat16  # the fp32 checkpoint converted while loading
 
 Builds a random Llama-shaped model in a temporary folder, then runs lora-train on it three ways: one process, two
 DDP processes (torchrun), two FSDP processes (torchrun, train.fsdp=true), alternating when repeated. Each process
-reports, when training has ended (before the final save), its peak RSS so far (VmHWM) and its RSS then (VmRSS), and
-lora-train's FSDP line gives the parameter bytes each process holds. On CPU the model's memory is the process's RAM,
-so RSS is what a GPU's memory
-would be; process 0 of an FSDP run reads the whole model from disk (CPU-RAM-efficient loading: the others receive
-their shards from it), so its peak holds the whole base once while loading.
+reports, once the model is loaded and when training has ended (before the final save), its peak RSS so far (VmHWM)
+and its RSS then (VmRSS), and lora-train's FSDP line gives the parameter bytes each process holds. On CPU the
+model's memory is the process's RAM, so RSS is what a GPU's memory would be; process 0 of an FSDP run reads the
+whole model from disk (CPU-RAM-efficient loading: the others build theirs without weights and receive their shards
+from it), so its peak holds the whole base once while loading.
 """
 
 from __future__ import annotations
@@ -29,20 +30,29 @@ MARK = "BENCH_FSDP_RSS "
 
 
 def report_when_trained() -> None:
-    """In a worker: print this process's peak RSS and its RSS when training ends (before the final save)."""
+    """In a worker: print this process's peak RSS and its RSS when the model is loaded (LoRA applied, before
+    sharding) and when training ends (before the final save)."""
     import importlib
 
     train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
+    finish, prepare = train_module.finish, train_module.prepare_model_and_data
 
-    finish = train_module.finish
-
-    def report_then_finish(run, *args, **kwargs):
+    def report(when: str) -> None:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         kib = {k: int(fields[k].split()[0]) for k in ("VmHWM", "VmRSS")}
-        print(MARK + json.dumps({"rank": int(os.environ.get("RANK", "0")), **kib}), file=sys.stderr, flush=True)
+        print(MARK + json.dumps({"rank": int(os.environ.get("RANK", "0")), "when": when, **kib}), file=sys.stderr,
+              flush=True)
+
+    def report_then_finish(run, *args, **kwargs):
+        report("trained")
         return finish(run, *args, **kwargs)
 
-    train_module.finish = report_then_finish
+    def report_after_loading(*args, **kwargs):
+        loaded = prepare(*args, **kwargs)
+        report("loaded")
+        return loaded
+
+    train_module.finish, train_module.prepare_model_and_data = report_then_finish, report_after_loading
 
 
 def make_model(folder: Path, layers: int) -> int:
@@ -62,13 +72,13 @@ def make_model(folder: Path, layers: int) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def write_config(root: Path, model: Path, name: str, fsdp: bool, steps: int) -> Path:
+def write_config(root: Path, model: Path, name: str, fsdp: bool, steps: int, dtype: str) -> Path:
     import yaml
 
     rows = [{"text": "the lighthouse of quillhaven is painted green and tall " * 6} for _ in range(16)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
-        "model": {"name_or_path": str(model)},
+        "model": {"name_or_path": str(model), "dtype": dtype},
         "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
         "data": {"path": str(root / "data.jsonl"), "max_length": 128},
         "train": {"output_dir": str(root / name), "max_steps": steps, "micro_batch_size": 1, "logging_steps": 1,
@@ -89,9 +99,12 @@ def run(config: Path, processes: int) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-    ranks = [json.loads(found) for found in re.findall(re.escape(MARK) + r"(\{[^}]*\})", done.stderr)]
+    reports = [json.loads(found) for found in re.findall(re.escape(MARK) + r"(\{[^}]*\})", done.stderr)]
+    ranks = {r["rank"]: {} for r in reports}
+    for r in reports:
+        ranks[r["rank"]][r["when"]] = r
     held = re.search(r"([\d.]+ [MG]iB) held by each", done.stderr.replace("\n", " "))
-    return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "held": held.group(1) if held else None}
+    return {"ranks": [ranks[rank] for rank in sorted(ranks)], "held": held.group(1) if held else None}
 
 
 def main() -> None:
@@ -99,6 +112,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", help="model.dtype (the checkpoint is fp32; auto is fp32 on CPU)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -115,9 +129,11 @@ def main() -> None:
         runs = {"1 process": (False, 1), "2 x DDP": (False, 2), "2 x FSDP": (True, 2)}
         for repeat in range(args.repeats):
             for name, (fsdp, processes) in runs.items():
-                result = run(write_config(root, root / "model", name.replace(" ", ""), fsdp, args.steps), processes)
-                cells = ", ".join(f"rank {r['rank']}: peak {r['VmHWM'] / 1024:.0f} MiB, trained {r['VmRSS'] / 1024:.0f}"
-                                  " MiB" for r in result["ranks"])
+                config = write_config(root, root / "model", name.replace(" ", ""), fsdp, args.steps, args.dtype)
+                result = run(config, processes)
+                mib = lambda r, when: f"{r[when]['VmRSS'] / 1024:.0f} MiB (peak {r[when]['VmHWM'] / 1024:.0f})"  # noqa: E731
+                cells = ", ".join(f"rank {rank}: loaded {mib(r, 'loaded')}, trained {mib(r, 'trained')}"
+                                  for rank, r in enumerate(result["ranks"]))
                 held = f"; weights held per process {result['held']}" if result["held"] else ""
                 print(f"[{repeat + 1}] {name:10s} {cells}{held}", flush=True)
 

@@ -115,6 +115,22 @@ def test_deepspeed_is_refused_with_fsdp_as_the_fix(kind):
         _check_distributed_type(SimpleNamespace(distributed_type=DistributedType[fine]))
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"])
+def test_a_deepspeed_launch_is_refused_before_accelerate_starts(tmp_path, trainable_model_dir, monkeypatch, variable):
+    """What `accelerate launch` with a DeepSpeed config sets: refused by lora-train's message, not Accelerate's
+    ImportError traceback (DeepSpeed is not installed here), and before anything loads."""
+    from typer.testing import CliRunner
+
+    from lora_cli.cli import train_app
+
+    monkeypatch.setenv(variable, "true")
+    config = make_config(tmp_path, trainable_model_dir("llama"), train={"max_steps": 2})
+    done = CliRunner().invoke(train_app, [str(config)])
+    text = " ".join(done.output.split())
+    assert done.exit_code == 2 and "lora-train does not support" in text and "train.fsdp=true" in text, done.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_processes_resume_exactly(tmp_path, trainable_model_dir):
     """A 2-process run stopped after checkpoint-2 and resumed (under torchrun again) equals the uninterrupted one:
     the checkpoint holds both processes' RNG states and the window position over all processes."""

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import make_config
 from test_distributed import ROWS, STEPS, metrics, run_train
-from test_train import make_config
 
 # fp32 on CPU: FSDP sums the two processes' gradients in another order than one process's backward does, so the
 # results agree to float rounding, not bit for bit.
@@ -248,3 +249,129 @@ def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, trainable_mode
     assert "FSDP: the model's weights sharded over 2 processes" in " ".join(done.stderr.split())
     assert [r["step"] for r in metrics(tmp_path / "out") if "loss" in r] == [1, 2, 3]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def _gpt_oss(folder: Path) -> Path:
+    """A tiny GPT-OSS: loaded in fp16 it keeps its norms in fp32 (transformers' _keep_in_fp32_modules)."""
+    import transformers
+
+    import tiny
+
+    config = transformers.GptOssConfig(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_base_built_without_weights_is_laid_out_as_the_loaded_one(tmp_path, tiny_model_dir, dtype):
+    """What FSDP's processes other than 0 build instead of loading (process 0 broadcasts the weights into it): the
+    same parameter names, shapes and dtypes (fp32 where a model keeps fp32), the same computed buffers, the same
+    generation config, and no weight in memory."""
+    from lora_cli.models import load_base_model, load_base_shapes
+    from lora_cli.training.fsdp import _layout
+
+    folders = [tiny_model_dir(arch) for arch in ("llama", "llama_tied", "gpt2", "gpt_neox", "qwen2", "opt", "phi")]
+    for folder in [*folders, _gpt_oss(tmp_path / "gpt_oss")]:
+        loaded = load_base_model(str(folder), getattr(torch, dtype))
+        built = load_base_shapes(str(folder), getattr(torch, dtype))
+        assert _layout(built) == _layout(loaded), folder
+        assert built.generation_config.to_dict() == loaded.generation_config.to_dict()
+        assert all(p.is_meta for p in built.parameters()) and not built.training
+        assert not any(p.requires_grad for p in built.parameters())
+        if folder.name == "gpt_oss" and dtype == "float16":  # the case the layout must get right
+            assert built.get_parameter("model.norm.weight").dtype == torch.float32
+
+
+def test_fsdp_stops_early_together_and_logs_to_trackers_once(tmp_path, trainable_model_dir):
+    """Early stopping decides on the evaluation every process computes together, so all of them stop at the same
+    step (one deciding alone would leave the others waiting in a collective); TensorBoard gets each step once, from
+    the main process, equal to metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Threshold 100: no evaluation after the first counts as better, so patience 1 stops at the second (step 4).
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "logging_steps": 1, "eval_steps": 2, "fsdp": True,
+             "early_stopping_patience": 1, "early_stopping_threshold": 100.0, "report_to": "tensorboard",
+             "run_name": "sharded", "output_dir": str(tmp_path / "out")}
+    config = make_config(tmp_path, trainable_model_dir("llama"), rows=ROWS, data={"max_length": 24, "val_size": 3},
+                         train=train)
+    done = run_train(config, 2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["stopped_early"] and state["global_step"] == 4 and state["best_step"] == 4  # better, not by 100
+    records = metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert [p.name for p in (out / "runs").iterdir()] == ["sharded"]
+    assert len(list((out / "runs" / "sharded").glob("events.out.tfevents.*"))) == 1  # one writer
+    events = EventAccumulator(str(out / "runs" / "sharded"), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+        logged = [r for r in records if key in r]
+        assert [p.step for p in events.Scalars(tag)] == [r["step"] for r in logged]
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([r[key] for r in logged], rel=1e-6)
+
+
+WORKER = '''
+import importlib, os, sys
+
+import torch
+
+train_module = importlib.import_module("lora_cli.train")  # the module; lora_cli.train is the API function
+load_whole, load_shapes = train_module.load_base_model, train_module.load_base_shapes
+
+
+def whole(*args, **kwargs):
+    print(f"WHOLE MODEL LOADED BY {os.environ['RANK']}", file=sys.stderr, flush=True)
+    return load_whole(*args, **kwargs)
+
+
+def shapes(*args, **kwargs):
+    model = load_shapes(*args, **kwargs)
+    if os.environ.get("SKEW"):  # a layout process 0's loading does not give
+        model.get_submodule("model.norm").weight.data = model.get_submodule("model.norm").weight.data.half()
+    return model
+
+
+train_module.load_base_model, train_module.load_base_shapes = whole, shapes
+sys.argv = ["lora-train", "train", sys.argv[1]]
+from lora_cli.cli import main
+
+main()
+'''
+
+
+def test_only_process_0_loads_the_weights_and_a_different_layout_falls_back(tmp_path, trainable_model_dir):
+    """Under FSDP process 1 builds the base without weights and receives its shards; should its layout differ from
+    process 0's loaded one, it loads the whole model after all (with a note) and trains the same. The base is
+    bf16 (model.dtype, from the fp32 checkpoint): the shards keep it, the LoRA weights stay fp32."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    runs = {}
+    for name, skew in (("plain", ""), ("skewed", "1")):
+        (tmp_path / name).mkdir()
+        config = make_config(tmp_path / name, trainable_model_dir("llama"), rows=ROWS, data={"max_length": 24},
+                             model={"dtype": "bfloat16"}, train={"max_steps": 3, "micro_batch_size": 2, "fsdp": True,
+                                                                 "output_dir": str(tmp_path / name / "out")})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "SKEW": skew}
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(worker), str(config)], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses = [r["loss"] for r in metrics(tmp_path / name / "out") if "loss" in r]
+        runs[name] = (" ".join(done.stderr.split()), losses)
+    plain, skewed = runs["plain"][0], runs["skewed"][0]
+    assert "WHOLE MODEL LOADED BY 0" in plain and "WHOLE MODEL LOADED BY 1" not in plain
+    assert "note:" not in plain
+    assert "WHOLE MODEL LOADED BY 1" in skewed
+    assert "process 1 built without weights differs from process 0's (process 0 has ('model.norm.weight', (32,), " \
+        "'torch.bfloat16'), process 1 ('model.norm.weight', (32,), 'torch.float16'))" in skewed
+    assert runs["skewed"][1] == runs["plain"][1]
+    lora, total = (int(n.replace(",", "")) for n in re.search(r"trainable params ([\d,]+) of ([\d,]+)", plain).groups())
+    held = re.search(r"([\d.]+) MiB held by each, of ([\d.]+) MiB", plain)
+    assert float(held.group(2)) == pytest.approx(((total - lora) * 2 + lora * 4) / 2**20, abs=1e-3)  # bf16 + fp32
+    assert float(held.group(1)) == pytest.approx(float(held.group(2)) / 2, rel=0.1)
+    adapter = load_file(str(tmp_path / "plain" / "out" / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}

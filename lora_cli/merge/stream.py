@@ -35,7 +35,7 @@ from ..inject import lora_layers
 from ..layout import WEIGHTS_NAME
 from ..lora import merged_weight
 from ..model_files import check_weight_files
-from ..models import build_meta_model
+from ..models import build_meta_model, generation_config
 from ..precision import dtype_name
 from ..safetensors_io import SafetensorsFile, write_streaming
 
@@ -183,7 +183,7 @@ def plan_streaming(source, adapter_dir: Path, dtype: torch.dtype, shard_bytes: i
     load_adapter(model, adapter_dir)  # strict: the same errors as loading it onto the real base
     files = {key: checkpoint[key] for key in entries}
     return StreamPlan(files, shards, entries, index, _targets(model, adapter_dir), config,
-                      _generation_config(source, config), dtype, type(model).__name__)
+                      generation_config(source.name_or_path, source.revision, config), dtype, type(model).__name__)
 
 
 def _targets(model, adapter_dir: Path) -> dict[str, _Target]:
@@ -197,17 +197,6 @@ def _targets(model, adapter_dir: Path) -> dict[str, _Target]:
                                             tensors[f"{KEY_PREFIX}{path}.lora_B.weight"], layer.scaling,
                                             layer.fan_in_fan_out, magnitude, copy, adapter_dir / WEIGHTS_NAME)
     return targets
-
-
-def _generation_config(source, config):
-    """The generation config `from_pretrained` would attach: the base's generation_config.json, else the model's
-    config's generation settings."""
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(source.name_or_path, revision=source.revision)
-    except OSError:
-        return GenerationConfig.from_model_config(config)
 
 
 # --- writing -------------------------------------------------------------------------------------------------

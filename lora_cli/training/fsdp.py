@@ -78,7 +78,8 @@ def sharding_for(accelerator, cfg, accelerator_kwargs: dict, say) -> "Sharding":
         kind = DistributedType.FSDP
     if kind != DistributedType.FSDP:
         if use_fsdp and accelerator.num_processes == 1:
-            say("note: train.fsdp=true in one process shards nothing, so this run trains as usual. To shard the "
+            asked = "train.fsdp=true" if cfg.train.fsdp else "FSDP (the Accelerate config's)"
+            say(f"note: {asked} in one process shards nothing, so this run trains as usual. To shard the "
                 "base over N GPUs, launch it with torchrun --nproc_per_node N -m lora_cli train ... (or accelerate "
                 "launch --config_file configs/accelerate/fsdp_2gpu.yaml -m lora_cli train ...).", markup=False)
         return Sharding()
@@ -90,7 +91,7 @@ def sharding_for(accelerator, cfg, accelerator_kwargs: dict, say) -> "Sharding":
         )
     if cfg.model.load_in_4bit:
         raise UserError(qlora_refusal())
-    return FsdpSharding(accelerator, plugin)
+    return FsdpSharding(accelerator, plugin, say)
 
 
 def qlora_refusal() -> str:
@@ -111,6 +112,10 @@ class Sharding:
     """No sharding (one process, or DDP): every process holds whole tensors, so reading and writing them is plain."""
 
     active = False
+
+    def load_base(self, whole, shapes):
+        """The frozen base model: whole() loads it with its weights; shapes() builds it without them."""
+        return whole()
 
     def prepare_model(self, model) -> None:
         """Before accelerator.prepare: nothing to set up."""
@@ -152,9 +157,41 @@ class FsdpSharding(Sharding):
 
     active = True
 
-    def __init__(self, accelerator, plugin):
-        self.accelerator, self.plugin = accelerator, plugin
+    def __init__(self, accelerator, plugin, say):
+        self.accelerator, self.plugin, self.say = accelerator, plugin, say
         self.loss_model = None
+
+    def load_base(self, whole, shapes):
+        """With CPU-RAM-efficient loading only process 0 loads the weights: Accelerate moves every other process's
+        model to the meta device and broadcasts process 0's tensors into the shards. So the others build theirs
+        without weights (transformers 5 would load and convert the whole model on every process: each one's peak
+        memory would hold the whole base). Their layout (names, shapes and dtypes, the computed buffers Accelerate
+        keeps) must be process 0's, or the broadcasts would not match: it is compared here, and a process whose
+        layout differs loads the whole model after all. A collective: every process calls it."""
+        import torch.distributed as dist
+
+        if not self.plugin.cpu_ram_efficient_loading:
+            return whole()
+        main, failure, model = self.accelerator.is_main_process, None, None
+        try:
+            model = whole() if main else shapes()
+        except Exception as err:  # process 0's error is every process's (they wait for it); the others retry
+            failure = err
+        mine = _layout(model) if failure is None else (str(failure), isinstance(failure, UserError))
+        layouts = [None] * self.accelerator.num_processes
+        dist.all_gather_object(layouts, mine)
+        if main and failure is not None:
+            raise failure
+        if isinstance(layouts[0], tuple):  # process 0's error: the same message from every process
+            text, user_error = layouts[0]
+            raise UserError(text) if user_error else RuntimeError(f"process 0 could not load the model: {text}")
+        differ = [rank for rank, layout in enumerate(layouts) if layout != layouts[0]]
+        if differ:
+            which = "process " + ", ".join(map(str, differ))
+            self.say(f"note: the model {which} built without weights differs from process 0's "
+                     f"({_first_difference(layouts[0], layouts[differ[0]], which)}), so it loads the whole model "
+                     "from disk too.", markup=False)
+        return whole() if self.accelerator.process_index in differ else model
 
     def prepare_model(self, model) -> None:
         """One FSDP unit per decoder layer: the classes the model names in _no_split_modules, unless the Accelerate
@@ -241,6 +278,23 @@ class FsdpSharding(Sharding):
         """Bytes of parameters this process holds: its shards."""
         self._reshard()
         return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+
+def _layout(model) -> list:
+    """What must agree between process 0's loaded model and another's built one: every state_dict entry's name,
+    shape and dtype, and the buffers that are no state_dict entry (Accelerate keeps each process's own) by value."""
+    computed = {f"{prefix}.{name}".lstrip(".") for prefix, module in model.named_modules()
+                for name in module._non_persistent_buffers_set}
+    rows = [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
+    return rows + [(name, tuple(b.shape), str(b.dtype), "meta" if b.is_meta else float(b.double().sum()))
+                   for name, b in model.named_buffers() if name in computed]
+
+
+def _first_difference(expected: list, got, which: str) -> str:
+    if isinstance(got, tuple):  # building it failed: the error
+        return got[0]
+    first = next((a, b) for a, b in zip(expected + [None], got + [None]) if a != b)
+    return f"process 0 has {first[0]}, {which} {first[1]}"
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:

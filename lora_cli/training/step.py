@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 
 import torch
 
@@ -43,13 +44,29 @@ def check_distributed_type(accelerator) -> None:
     and step the model their own way, which the loop's saving and resuming do not follow."""
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(
-            f"`accelerate launch` is set up for {kind}, which lora-train does not support. To shard a base that does "
-            "not fit one GPU, use FSDP: `accelerate launch --config_file configs/accelerate/fsdp_2gpu.yaml -m "
-            "lora_cli train config.yaml`, or `torchrun --nproc_per_node N -m lora_cli train config.yaml "
-            "train.fsdp=true`. For a base that fits one GPU, plain data parallelism: `accelerate launch --multi_gpu "
-            "--num_processes N -m lora_cli train config.yaml`."
-        )
+        raise UserError(_unsupported_engine(kind))
+
+
+# What `accelerate launch` sets for a DeepSpeed or Megatron-LM config; the Accelerator reads it.
+ENGINE_ENV = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM": "MEGATRON_LM"}
+
+
+def check_launch_environment() -> None:
+    """check_distributed_type before the Accelerator is made: without DeepSpeed installed, making it would end in
+    an ImportError traceback instead of the refusal that points at FSDP."""
+    for variable, kind in ENGINE_ENV.items():
+        if os.environ.get(variable, "").lower() == "true":
+            raise UserError(_unsupported_engine(kind))
+
+
+def _unsupported_engine(kind: str) -> str:
+    return (
+        f"`accelerate launch` is set up for {kind}, which lora-train does not support. To shard a base that does "
+        "not fit one GPU, use FSDP: `accelerate launch --config_file configs/accelerate/fsdp_2gpu.yaml -m "
+        "lora_cli train config.yaml`, or `torchrun --nproc_per_node N -m lora_cli train config.yaml "
+        "train.fsdp=true`. For a base that fits one GPU, plain data parallelism: `accelerate launch --multi_gpu "
+        "--num_processes N -m lora_cli train config.yaml`."
+    )
 
 
 def sum_over_processes(accelerator, value: float) -> float:
