@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -40,23 +41,24 @@ def make_data(path: Path, rows: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def config(data: Path, tokenizer: str, work: Path, max_length: int):
+def config(data: Path, tokenizer: str, work: Path, max_length: int, num_proc: int = 1):
     from lora_cli.config import validate_config
 
     return validate_config({
         "model": {"name_or_path": tokenizer},
-        "data": {"path": str(data), "max_length": max_length, "val_size": 0.01, "cache_dir": str(work / "cache")},
+        "data": {"path": str(data), "max_length": max_length, "val_size": 0.01, "cache_dir": str(work / "cache"),
+                 "num_proc": num_proc},
         "train": {"output_dir": str(work / "out")},
     })
 
 
-def child(mode: str, data: Path, tokenizer_path: str, work: Path, max_length: int) -> dict:
+def child(mode: str, data: Path, tokenizer_path: str, work: Path, max_length: int, num_proc: int) -> dict:
     """One measurement, in this (child) process."""
     from lora_cli import data as data_lib
     from lora_cli.models import load_tokenizer
     from lora_cli.training.plan import make_batches
 
-    cfg = config(data, tokenizer_path, work, max_length)
+    cfg = config(data, tokenizer_path, work, max_length, num_proc)
     tokenizer = load_tokenizer(tokenizer_path, None, False)
     started = time.perf_counter()
     if mode in ("cache-first", "cache-second"):
@@ -76,7 +78,11 @@ def child(mode: str, data: Path, tokenizer_path: str, work: Path, max_length: in
     else:
         raise SystemExit(f"unknown mode {mode}")
     result["total_s"] = time.perf_counter() - started
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["peak_rss_gb"] = own.ru_maxrss / 2**20
+    # CPU seconds, this process's and its tokenizing workers' (data.num_proc): on shared cores the wall time
+    # depends on the neighbours, the CPU time much less.
+    result["cpu_s"] = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
     return result
 
 
@@ -104,11 +110,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_data"))
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--modes", default="cache-first,cache-second,datasets-map")
+    parser.add_argument("--num-proc", type=int, default=1, help="data.num_proc: processes that tokenize")
+    parser.add_argument("--tokenizers-parallelism", choices=("true", "false"), default="false",
+                        help="TOKENIZERS_PARALLELISM for the children: the Rust tokenizer's own threads in a batch "
+                             "(lora-train sets false)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = args.work / f"chat_{args.rows}.jsonl"
     if args.child:
-        print(json.dumps(child(args.child, data, args.tokenizer, args.work, args.max_length)))
+        print(json.dumps(child(args.child, data, args.tokenizer, args.work, args.max_length, args.num_proc)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     if not data.exists():
@@ -118,8 +128,9 @@ def main() -> None:
         if mode == "cache-first":
             shutil.rmtree(args.work / "cache", ignore_errors=True)
         cmd = [sys.executable, __file__, "--rows", str(args.rows), "--tokenizer", args.tokenizer, "--work",
-               str(args.work), "--max-length", str(args.max_length), "--child", mode]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+               str(args.work), "--max-length", str(args.max_length), "--num-proc", str(args.num_proc), "--child", mode]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM=args.tokenizers_parallelism)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             print(f"{mode}: failed\n{done.stderr[-2000:]}", flush=True)
             continue
