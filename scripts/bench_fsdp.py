@@ -56,19 +56,18 @@ def report_when_trained() -> None:
 
 
 def make_model(folder: Path, layers: int) -> int:
-    sys.path.insert(0, str(REPO / "tests"))
     import torch
     import transformers
 
-    import tiny
+    import synthetic  # scripts/synthetic.py, beside this script: the tiny tokenizer the tests use too
 
-    config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=1024, intermediate_size=2816,
+    config = transformers.LlamaConfig(vocab_size=synthetic.TINY_VOCAB, hidden_size=1024, intermediate_size=2816,
                                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                                       max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
-    tiny.make_tokenizer(tiny.VOCAB).save_pretrained(folder)
+    synthetic.make_tokenizer().save_pretrained(folder)
     return sum(p.numel() * 4 for p in model.parameters())
 
 
