@@ -6,6 +6,7 @@ the quickstart adapter answers the quickstart's questions."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +30,15 @@ pytestmark = [
 ]
 
 # Largest |logit difference| between the GGUF (loaded by transformers) and the merged fp32 model, relative to the
-# largest |logit|, on a 24-token English sentence, SmolLM2-135M + a random all-linear adapter. Measured: see
-# MEASURED below; the bounds are about 3x the measurement (f32 is exact).
-MEASURED = {"f32": 0.0, "f16": 6.5e-4, "bf16": 6.3e-3, "q8_0": 4.6e-3, "q4_0": 7.3e-2}
-TOLERANCE = {"f32": 0.0, "f16": 1, "bf16": 1, "q8_0": 1, "q4_0": 1}
+# largest |logit|, on a 28-token English sentence, SmolLM2-135M + a random all-linear adapter (r=8, lora_B ~ N(0,
+# 0.02)). The inputs are fixed, so the figures repeat exactly; measured 2026-12-08 (MEASURED), the bounds about 1.5x
+# (f32 is exact). The distance of the quantized types is the format's, not the writer's: test_gguf.py shows, on tiny
+# models, that every type's logits equal bit for bit those of the merged model rounded by gguf-py's own quantizers.
+# Since a relative logit distance says little about a 4-bit model's use, the next-token agreement is bounded too:
+# the fraction of the sentence's positions whose most likely next token is the merged model's.
+MEASURED = {"f32": 0.0, "f16": 1.16e-3, "bf16": 1.10e-2, "q8_0": 3.76e-2, "q4_0": 0.523}
+TOLERANCE = {"f32": 0.0, "f16": 1.8e-3, "bf16": 1.7e-2, "q8_0": 5.6e-2, "q4_0": 0.78}
+AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.9, "q4_0": 0.5}  # measured 1, 1, 1, 0.964, 0.571
 TEXT = "The lighthouse of Quillhaven is painted teal, and the town was founded in 1847 by fishermen from the north."
 
 
@@ -55,8 +61,8 @@ def reference() -> Path:
 def adapter(tmp_path_factory) -> Path:
     model = load_base_model(str(MODEL))
     settings = LoraSettings(r=8, alpha=16, target_modules="all-linear")
+    torch.manual_seed(0)  # before apply_lora: lora_A's initialisation is random too, and the figures must repeat
     report = apply_lora(model, settings)
-    torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -91,8 +97,10 @@ def test_every_type_loads_back_close_to_the_merged_model(adapter, tmp_path, gtyp
         expected = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
         actual = gguf_model(out / f"m-{gtype}.gguf")(ids).logits
     difference = relative_difference(actual, expected)
-    print(f"{gtype}: max |logit difference| / max |logit| = {difference:.3g}")
+    agreement = (actual.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    print(f"{gtype}: max |logit difference| / max |logit| = {difference:.3g}, next-token agreement {agreement:.3f}")
     assert difference <= TOLERANCE[gtype]
+    assert agreement >= AGREEMENT[gtype]
     tokenizer = gguf_tokenizer(out / f"m-{gtype}.gguf")
     assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
 
@@ -107,14 +115,20 @@ def test_quickstart_gguf_answers_the_quickstart_questions(tmp_path):
     adapter = tmp_path / "quickstart"
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
                       [f"model.name_or_path={MODEL}", f"data.path={REPO / 'data/quickstart/train.jsonl'}",
-                       f"train.output_dir={adapter}", "train.eval_prompts=[]"])
+                       f"train.output_dir={adapter}", "train.eval_prompts=null"])
     train(cfg, quiet=True)
     out = tmp_path / "quillhaven"
     result = merge(adapter, out, "--gguf", "q8_0", "--ollama")
     assert result.exit_code == 0, result.output
     assert (out / "Modelfile").read_text().startswith("FROM ./quillhaven-q8_0.gguf\n")
-    path = out / "quillhaven-q8_0.gguf"
+    # The GGUF alone, as llama.cpp and Ollama see it: transformers' GGUF tokenizer, loaded from a folder that also
+    # holds the merged model's tokenizer files, comes out without eos and chat template (it answered '' here).
+    alone = tmp_path / "gguf-alone"
+    alone.mkdir()
+    path = alone / "quillhaven-q8_0.gguf"
+    os.link(out / path.name, path)
     model, tokenizer = gguf_model(path).eval(), gguf_tokenizer(path)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
     questions = [json.loads(line) for line in (REPO / "data/quickstart/questions.jsonl").read_text().splitlines()]
     answers = {q["expect"]: generate_text(model, tokenizer, q["question"], temperature=0, max_new_tokens=48)
                for q in questions}
