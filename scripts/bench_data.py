@@ -41,7 +41,7 @@ def make_data(path: Path, rows: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def config(data: Path, tokenizer: str, work: Path, max_length: int, num_proc: int = 1):
+def config(data: Path, tokenizer: str, work: Path, max_length: int, num_proc: int | str = 1):
     from lora_cli.config import validate_config
 
     return validate_config({
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_data"))
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--modes", default="cache-first,cache-second,datasets-map")
-    parser.add_argument("--num-proc", type=int, default=1, help="data.num_proc: processes that tokenize")
+    parser.add_argument("--num-proc", default="1", help="data.num_proc: processes that tokenize, or auto")
     parser.add_argument("--tokenizers-parallelism", choices=("true", "false"), default="false",
                         help="TOKENIZERS_PARALLELISM for the children: the Rust tokenizer's own threads in a batch "
                              "(lora-train sets false)")

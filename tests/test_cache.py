@@ -299,3 +299,46 @@ def test_a_json_array_streams_across_chunk_boundaries(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text('[{"text": "a"}, {"text": ]', encoding="utf-8")
     with pytest.raises(data.RowError.__mro__[1], match=r"bad\.json' is not valid JSON"):
         data.load_rows(str(tmp_path / "bad.json"))
+
+
+def test_num_proc_auto_starts_no_workers_for_a_small_file(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    from lora_cli.data import parallel
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a small file must be tokenized without starting worker processes")
+
+    monkeypatch.setattr(parallel.multiprocessing, "get_context", no_pool)
+    cfg = config_for(tmp_path, tiny_model_dir(), rows=CHAT_ROWS, data={"max_length": 56})
+    assert cfg.data.num_proc == "auto"  # the default
+    serial = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_proc": 1})})
+    expected = data.build_in_memory(data.options_from(serial), tokenizer)
+    assert as_tuples(load(cfg, tokenizer).train) == as_tuples(expected.train)
+
+
+def test_num_proc_auto_hands_the_rest_to_workers_in_order(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    from lora_cli.data import build, parallel
+
+    monkeypatch.setattr(build, "TOKENIZE_CHUNK", 5)
+    monkeypatch.setattr(parallel, "AUTO_IN_PROCESS_CHUNKS", 2)  # 10 rows here, the rest in the workers
+    monkeypatch.setattr(parallel, "auto_processes", lambda: 2)
+    started = []
+    real_context = parallel.multiprocessing.get_context
+    monkeypatch.setattr(parallel.multiprocessing, "get_context",
+                        lambda kind: started.append(kind) or real_context(kind))
+    cfg = config_for(tmp_path, tiny_model_dir(), rows=CHAT_ROWS, data={"max_length": 56, "val_size": 4})
+    serial = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_proc": 1})})
+    expected = data.build_in_memory(data.options_from(serial), tokenizer)
+    cached = load(cfg, tokenizer)
+    assert started == ["spawn"]
+    assert as_tuples(cached.train) == as_tuples(expected.train) and as_tuples(cached.val) == as_tuples(expected.val)
+    assert cached.stats == expected.stats
+
+
+def test_num_proc_is_auto_or_a_positive_count():
+    from lora_cli.config import validate_config
+    from lora_cli.errors import UserError
+
+    base = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
+    assert validate_config({**base, "data": {"path": "d.jsonl", "num_proc": 3}}).data.num_proc == 3
+    with pytest.raises(UserError, match="data.num_proc"):
+        validate_config({**base, "data": {"path": "d.jsonl", "num_proc": 0}})

@@ -64,3 +64,19 @@ def test_one_parameters_cell_is_required(notebook):
     notebook.cells.append(nbformat.v4.new_code_cell("X = 1", metadata={"tags": ["parameters"]}))
     with pytest.raises(SystemExit, match="exactly one cell tagged 'parameters' \\(found 2\\)"):
         check_notebook.inject_parameters(notebook, "X = 2")
+
+
+def test_the_notebook_exports_gguf_and_a_modelfile_and_downloads_them(notebook):
+    """Issue 22's steps in order: merge, export GGUF + Modelfile (lora-merge --gguf --ollama), load the GGUF back with
+    its own tokenizer and ask it, download the GGUF, the Modelfile and the adapter."""
+    code = [c.source for c in notebook.cells if c.cell_type == "code"]
+    merged = next(i for i, s in enumerate(code) if "lora_cli.merge(result.adapter_dir, MERGED_DIR" in s)
+    exported = next(i for i, s in enumerate(code) if "gguf=GGUF_TYPE" in s)
+    assert "ollama=True" in code[exported] and "EXPORT_DIR" in code[exported]
+    asked = next(i for i, s in enumerate(code) if "gguf_file=gguf_file.name" in s and "generate_text(" in s)
+    assert "AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)" in code[asked]
+    downloaded = next(i for i, s in enumerate(code) if "files.download" in s)
+    assert merged < exported < asked < downloaded
+    assert "gguf_file" in code[downloaded] and '"Modelfile"' in code[downloaded]
+    parameters = assigned_names(next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", [])))
+    assert parameters["GGUF_TYPE"] == "q8_0"

@@ -208,7 +208,9 @@ class DataSection(_Section):
     # The tokenized data is cached here (keyed by the files' contents, the tokenizer and these settings); null = a
     # folder .lora-data-cache beside train.output_dir, so a rerun after a Colab disconnect finds it on Drive.
     cache_dir: str | None = None
-    num_proc: int = Field(1, ge=1)  # processes that tokenize the data on a cache miss (see Data formats)
+    # processes that tokenize the data on a cache miss; auto = the cores here, up to 4, once the data is larger than
+    # a few chunks (data/parallel.py; the measurement is in docs/BENCHMARKS.md)
+    num_proc: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
 
     @field_validator("path", mode="before")
     @classmethod

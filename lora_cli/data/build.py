@@ -37,7 +37,8 @@ class DataOptions:
     val_path: str | None = None
     seed: int = 42
     system_prompt: str | None = None
-    num_proc: int = 1  # processes that render and tokenize (data.num_proc); the examples are the same for any
+    # processes that render and tokenize (data.num_proc: a count or "auto"); the examples are the same for any
+    num_proc: int | str = 1
 
 
 def build_datasets(
