@@ -340,5 +340,8 @@ def test_num_proc_is_auto_or_a_positive_count():
 
     base = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
     assert validate_config({**base, "data": {"path": "d.jsonl", "num_proc": 3}}).data.num_proc == 3
-    with pytest.raises(UserError, match="data.num_proc"):
-        validate_config({**base, "data": {"path": "d.jsonl", "num_proc": 0}})
+    for wrong in (0, "many", 2.5, True):
+        with pytest.raises(UserError) as caught:
+            validate_config({**base, "data": {"path": "d.jsonl", "num_proc": wrong}})
+        assert "has 1 problem:" in str(caught.value)
+        assert "data.num_proc: must be auto or a number of processes, 1 or more (got " in str(caught.value)

@@ -210,7 +210,7 @@ class DataSection(_Section):
     cache_dir: str | None = None
     # processes that tokenize the data on a cache miss; auto = the cores here, up to 4, once the data is larger than
     # a few chunks (data/parallel.py; the measurement is in docs/BENCHMARKS.md)
-    num_proc: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
+    num_proc: Union[Literal["auto"], int] = "auto"
 
     @field_validator("path", mode="before")
     @classmethod
@@ -222,6 +222,14 @@ class DataSection(_Section):
         if not value:
             raise PydanticCustomError("data_path", "must be a path, or a non-empty list of sources")
         return [{"path": item} if isinstance(item, str) else item for item in value]
+
+    @field_validator("num_proc", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        # one sentence instead of one per branch of the union (auto, or an int of at least 1)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError("num_proc", "must be auto or a number of processes, 1 or more")
 
     @field_validator("chat_template")
     @classmethod
